@@ -1,0 +1,45 @@
+"""Command line: ``python -m helpers doctor [--json]``, ``python -m helpers labs [--check|--execute]``."""
+import argparse
+import json
+import sys
+
+from . import doctor, labs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m helpers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    doc = sub.add_parser("doctor", help="what this machine can do, and which labs can run here")
+    doc.add_argument("--json", action="store_true", help="one key per capability")
+    lab = sub.add_parser("labs", help="check the committed notebooks, or re-execute them")
+    lab.add_argument("--check", action="store_true", help="report notebooks that break the course's rules")
+    lab.add_argument("--execute", action="store_true", help="re-execute every lab this machine can run")
+    lab.add_argument("names", nargs="*", help="only these labs (file stems)")
+    args = parser.parse_args(argv)
+
+    if args.command == "doctor":
+        report = doctor.probe()
+        if args.json:
+            print(json.dumps({k: c.as_dict() for k, c in report.items()}, indent=2))
+        else:
+            print(doctor.render(report, labs.all_labs()))
+        return 0
+
+    chosen = [l for l in labs.all_labs() if not args.names or l.name in args.names]
+    status = 0
+    if args.check:
+        for l in chosen:
+            for problem in labs.problems(l.path):
+                print(f"{l.path.name}: {problem}")
+                status = 1
+    if args.execute:
+        for l in chosen:
+            why = doctor.unmet(l.requires)
+            print(f"{l.name}: " + (f"skipped ({'; '.join(why)})" if why else "executing"), flush=True)
+            if not why:
+                labs.execute([l])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Where the course keeps its things, how it names them, and how it sweeps them.
+
+Every resource the helpers create carries the prefix ``cnlab`` (cgroups, mount points under
+``STATE``, network namespaces, containers and their labels, data directories), so that
+``cleanup()`` can find and remove whatever a crash or an interrupted cell left behind, and
+``leftovers()`` can prove that nothing was.
+"""
+import contextlib
+import importlib
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+PREFIX = "cnlab"
+LABEL = PREFIX  # Docker/containerd label key: {"cnlab": "<owner>"}
+ROOT = Path(__file__).resolve().parent.parent          # the course checkout
+LABS = ROOT / "labs"
+CACHE = Path(os.environ.get("CNLAB_CACHE", ROOT / ".cache"))     # survives runs: kernel, rootfs
+STATE = Path(os.environ.get("CNLAB_STATE", f"/run/{PREFIX}"))     # per-run: mounts, sockets, data
+
+# Modules that own something beyond the generic kinds below, in the order they must go:
+# what runs inside something else is stopped first. Each has a ``sweep()``.
+_OWNERS = ("sandbox", "vm", "cri", "controller", "swarm", "images", "apiserver", "etcd",
+           "ns", "cgroups")
+
+
+def name(*parts):
+    """A resource name that ``cleanup()`` will recognise: ``cnlab-<parts>``."""
+    return "-".join((PREFIX, *map(str, parts)))
+
+
+def state_dir(*parts):
+    path = STATE.joinpath(*map(str, parts))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _mounts():
+    """Mount points with the prefix, deepest first (the order they can be unmounted in)."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if PREFIX in point:
+                points.append(point)
+    return sorted(set(points), key=len, reverse=True)
+
+
+def _cgroups():
+    root = Path("/sys/fs/cgroup")
+    found = [str(p) for p in root.rglob(f"*{PREFIX}*") if p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=len, reverse=True)
+
+
+def _netns():
+    run = Path("/run/netns")
+    return sorted(p.name for p in run.iterdir() if PREFIX in p.name) if run.is_dir() else []
+
+
+def _processes():
+    """Processes whose command line names the prefix (our etcd, qemu, containerd, shells)."""
+    me = {os.getpid(), os.getppid()}
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if PREFIX in args and int(pid) not in me and "pytest" not in args:
+            found.append(f"{pid} {args}")
+    return found
+
+
+def _docker():
+    try:
+        import docker
+        client = docker.from_env(timeout=5)
+        client.ping()
+    except Exception:  # no SDK or no engine: nothing of ours can be alive there
+        return []
+    with contextlib.closing(client):
+        return ([f"container {c.name}" for c in client.containers.list(all=True, filters={"label": LABEL})]
+                + [f"docker-network {n.name}" for n in client.networks.list(filters={"label": LABEL})]
+                + [f"docker-volume {v.name}" for v in client.volumes.list(filters={"label": LABEL})])
+
+
+def leftovers():
+    """Everything with the prefix still alive on this machine, one line each (like shared/tools/leaks)."""
+    return ([f"mount {m}" for m in _mounts()] + [f"cgroup {c}" for c in _cgroups()]
+            + [f"netns {n}" for n in _netns()] + [f"process {p}" for p in _processes()]
+            + _docker())
+
+
+def cleanup():
+    """Remove everything the helpers created and a crash left behind; return what was removed.
+
+    Safe to call at any time and twice: each owner's ``sweep()`` treats "already gone" as done.
+    """
+    before = leftovers()
+    for owner in _OWNERS:
+        if importlib.util.find_spec(f"helpers.{owner}"):
+            importlib.import_module(f"helpers.{owner}").sweep()
+    for point in _mounts():
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    after = set(leftovers())
+    return [item for item in before if item not in after]

@@ -1,0 +1,83 @@
+"""The course's pytest plugin: requirements become visible skips, and nothing may leak.
+
+- ``@pytest.mark.requires("root", "docker")`` on a test, or ``{"cnlab": {"requires": [...]}}``
+  in a notebook's metadata, is checked against ``helpers.doctor``; what this machine lacks is
+  skipped with the reason, and the run ends with the list of what was skipped and why.
+- A test that declares requirements must not leave any ``cnlab`` resource behind; the whole
+  run must not either (that covers the notebooks).
+"""
+import pytest
+
+import helpers
+from helpers import doctor, labs
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires(*names): skip unless this machine has each named "
+                                       "capability (see helpers.doctor.REQUIREMENTS)")
+
+
+def _requirements(item):
+    if item.path.suffix == ".ipynb":
+        return labs.load(item.path).requires
+    return tuple(name for mark in item.iter_markers("requires") for name in mark.args)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        needs = _requirements(item)
+        why = doctor.unmet(needs) if needs else []
+        if why:
+            item.add_marker(pytest.mark.skip(reason="needs " + ", ".join(needs) + ": " + "; ".join(why)))
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request):
+    """A test that touches the machine must give back everything it took, even when it fails."""
+    if not _requirements(request.node) or request.node.path.suffix == ".ipynb":
+        yield
+        return
+    before = set(helpers.leftovers())
+    yield
+    leaked = [item for item in helpers.leftovers() if item not in before]
+    if leaked:
+        helpers.cleanup()
+        pytest.fail("left behind: " + "; ".join(leaked), pytrace=False)
+
+
+def pytest_sessionstart(session):
+    session.config._cnlab_before = set(helpers.leftovers())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaked = [i for i in helpers.leftovers() if i not in session.config._cnlab_before]
+    session.config._cnlab_leaked = leaked
+    if leaked:
+        helpers.cleanup()
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        path, _, name = report.nodeid.partition("::")
+        reason = report.longrepr[2].removeprefix("Skipped: ") if isinstance(report.longrepr, tuple) else ""
+        key = path if path.endswith(".ipynb") else report.nodeid
+        skipped.setdefault(key, reason)
+    tw = terminalreporter
+    if skipped:
+        tw.section("skipped on this machine, and why")
+        notebooks = {k: v for k, v in skipped.items() if k.endswith(".ipynb")}
+        for title, group in (("notebooks", notebooks),
+                             ("tests", {k: v for k, v in skipped.items() if k not in notebooks})):
+            if group:
+                tw.write_line(f"{title} ({len(group)}):")
+                for key, reason in sorted(group.items()):
+                    tw.write_line(f"  {key}: {reason}")
+    else:
+        tw.section("nothing was skipped: this machine ran every test and notebook")
+    leaked = getattr(config, "_cnlab_leaked", [])
+    if leaked:
+        tw.section("LEAKED: the run left these behind (now swept)", red=True)
+        for item in leaked:
+            tw.write_line(f"  {item}")

@@ -1,0 +1,83 @@
+"""The committed notebooks follow the course's rules, and the test plugin enforces its own."""
+import json
+import textwrap
+
+import nbformat
+import pytest
+
+from helpers import labs
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.mark.parametrize("lab", labs.all_labs(), ids=lambda lab: lab.name)
+def test_committed_notebook_follows_the_rules(lab):
+    assert labs.problems(lab.path) == []
+
+
+def _notebook(tmp_path, *cells, requires=("root",)):
+    nb = nbformat.v4.new_notebook(cells=list(cells), metadata={"cnlab": {"requires": list(requires)}})
+    path = tmp_path / "lab.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_problems_catch_what_nbval_would_not(tmp_path):
+    excused = nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\nprint(1)")
+    crashed = nbformat.v4.new_code_cell("1/0", outputs=[nbformat.v4.new_output(
+        "error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])])
+    path = _notebook(tmp_path, excused, crashed, requires=("root", "gpu"))
+    found = labs.problems(path)
+    assert "unknown requirement 'gpu'" in found
+    assert "code cell 1: NBVAL_IGNORE_OUTPUT without a '# why:' line after it" in found
+    assert "code cell 2: an error output in a cell not tagged raises-exception" in found
+
+
+def test_a_notebook_without_outputs_is_flagged_unless_lax(tmp_path):
+    path = _notebook(tmp_path, nbformat.v4.new_code_cell("print(1)"))
+    assert any("no outputs" in p for p in labs.problems(path))
+    nb = json.loads(path.read_text())
+    nb["metadata"]["cnlab"]["nbval"] = "lax"
+    path.write_text(json.dumps(nb))
+    assert labs.problems(path) == []
+
+
+def test_lab_title_and_requirements_come_from_the_notebook(tmp_path):
+    path = _notebook(tmp_path, nbformat.v4.new_markdown_cell("# Lab 9: things\n\ntext"), requires=("docker",))
+    lab = labs.load(path)
+    assert (lab.title, lab.requires, lab.nbval) == ("Lab 9: things", ("docker",), "strict")
+
+
+def test_plugin_skips_by_name_with_the_reason_and_lists_it_at_the_end(pytester):
+    pytester.makeconftest(open(labs.LABS.parent / "tests" / "conftest.py").read())
+    pytester.makepyfile(test_x=textwrap.dedent("""
+        import pytest
+        @pytest.mark.requires("warp-drive")
+        def test_needs_a_warp_drive():
+            pass
+        def test_plain():
+            pass
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:nbval", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*skipped on this machine, and why*",
+                                 "*test_x.py::test_needs_a_warp_drive: needs warp-drive: unknown requirement*"])
+
+
+@pytest.mark.requires("root")
+def test_plugin_fails_a_test_that_leaks_and_sweeps_it(pytester):
+    pytester.makeconftest(open(labs.LABS.parent / "tests" / "conftest.py").read())
+    pytester.makepyfile(test_leak=textwrap.dedent("""
+        import subprocess
+        import pytest
+        from helpers import resources
+        @pytest.mark.requires("root")
+        def test_forgets_a_mount():
+            point = resources.state_dir("leaktest")
+            subprocess.run(["mount", "-t", "tmpfs", "cnlab-leaktest", str(point)], check=True)
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:nbval", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)  # the test body passed; its teardown found the leak
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_forgets_a_mount*",
+                                 "left behind: mount /run/cnlab/leaktest"])
+    assert not any("leaktest" in line for line in open("/proc/self/mountinfo"))
