@@ -101,7 +101,11 @@ def cleanup():
     for owner in _OWNERS:
         if importlib.util.find_spec(f"helpers.{owner}"):
             importlib.import_module(f"helpers.{owner}").sweep()
-    for point in _mounts():
-        subprocess.run(["umount", "-l", point], capture_output=True)
+    for _ in range(10):  # mounts can be stacked on one point: detach until none is left
+        points = _mounts()
+        for point in points:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        if not points:
+            break
     after = set(leftovers())
     return [item for item in before if item not in after]

@@ -1,5 +1,6 @@
 """The committed notebooks follow the course's rules, and the test plugin enforces its own."""
 import json
+import os
 import textwrap
 
 import nbformat
@@ -73,11 +74,11 @@ def test_plugin_fails_a_test_that_leaks_and_sweeps_it(pytester):
         from helpers import resources
         @pytest.mark.requires("root")
         def test_forgets_a_mount():
-            point = resources.state_dir("leaktest")
+            point = resources.state_dir("leaktest-%d")
             subprocess.run(["mount", "-t", "tmpfs", "cnlab-leaktest", str(point)], check=True)
-    """))
+    """ % os.getpid()))
     result = pytester.runpytest_subprocess("-p", "no:nbval", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, errors=1)  # the test body passed; its teardown found the leak
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_forgets_a_mount*",
-                                 "left behind: mount /run/cnlab/leaktest"])
-    assert not any("leaktest" in line for line in open("/proc/self/mountinfo"))
+                                 f"left behind: mount /run/cnlab/leaktest-{os.getpid()}"])
+    assert not any(f"leaktest-{os.getpid()}" in line for line in open("/proc/self/mountinfo"))
