@@ -4,8 +4,11 @@
   in a notebook's metadata, is checked against ``helpers.doctor``; what this machine lacks is
   skipped with the reason, and the run ends with the list of what was skipped and why.
 - A test that declares requirements must not leave any ``cnlab`` resource behind; the whole
-  run must not either (that covers the notebooks).
+  run must not either (that covers the notebooks). What leaked is reported, then swept, unless
+  CNLAB_SWEEP_LEAKS=0 (for a machine where someone else's run is alive at the same time).
 """
+import os
+
 import pytest
 
 import helpers
@@ -31,6 +34,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs " + ", ".join(needs) + ": " + "; ".join(why)))
 
 
+def _sweep():
+    if os.environ.get("CNLAB_SWEEP_LEAKS", "1") != "0":
+        helpers.cleanup()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks(request):
     """A test that touches the machine must give back everything it took, even when it fails."""
@@ -41,7 +49,7 @@ def _no_leaks(request):
     yield
     leaked = [item for item in helpers.leftovers() if item not in before]
     if leaked:
-        helpers.cleanup()
+        _sweep()
         pytest.fail("left behind: " + "; ".join(leaked), pytrace=False)
 
 
@@ -53,7 +61,7 @@ def pytest_sessionfinish(session, exitstatus):
     leaked = [i for i in helpers.leftovers() if i not in session.config._cnlab_before]
     session.config._cnlab_leaked = leaked
     if leaked:
-        helpers.cleanup()
+        _sweep()
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -78,6 +86,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tw.section("nothing was skipped: this machine ran every test and notebook")
     leaked = getattr(config, "_cnlab_leaked", [])
     if leaked:
-        tw.section("LEAKED: the run left these behind (now swept)", red=True)
+        tw.section("LEAKED: the run left these behind", red=True)
         for item in leaked:
             tw.write_line(f"  {item}")
