@@ -26,6 +26,14 @@ def _requirements(item):
     return tuple(name for mark in item.iter_markers("requires") for name in mark.args)
 
 
+def pytest_collectstart(collector):
+    """A notebook that only a real cluster can run is committed without outputs and checked in
+    nbval's lax mode: only cells marked NBVAL_CHECK_OUTPUT are compared."""
+    if collector.path.suffix == ".ipynb" and hasattr(collector, "compare_outputs"):
+        if labs.load(collector.path).nbval == "lax":
+            collector.compare_outputs = False
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         needs = _requirements(item)

@@ -82,3 +82,14 @@ def test_plugin_fails_a_test_that_leaks_and_sweeps_it(pytester):
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_forgets_a_mount*",
                                  f"left behind: mount /run/cnlab/leaktest-{os.getpid()}"])
     assert not any(f"leaktest-{os.getpid()}" in line for line in open("/proc/self/mountinfo"))
+
+
+@pytest.mark.parametrize("mode, outcome", [("lax", {"passed": 1}), ("strict", {"failed": 1})])
+def test_a_lax_notebook_compares_only_marked_cells(pytester, mode, outcome):
+    pytester.makeconftest(open(labs.LABS.parent / "tests" / "conftest.py").read())
+    cell = nbformat.v4.new_code_cell("print(2)", execution_count=1, outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="1\n")])
+    nb = nbformat.v4.new_notebook(cells=[cell], metadata={"cnlab": {"requires": [], "nbval": mode}})
+    nbformat.write(nb, pytester.path / "lab.ipynb")
+    result = pytester.runpytest_subprocess("--nbval", "--nbval-current-env", "-p", "no:cacheprovider")
+    result.assert_outcomes(**outcome)
