@@ -388,7 +388,7 @@ def _write(path, value, *, optional=False):
     """Write one value to an existing cgroup file. No such file: the kernel lacks the feature
     (NotSupported, or skipped when ``optional``); EINVAL: the kernel refused the value (BadInput)."""
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     except FileNotFoundError as e:
         if optional:
             return
@@ -502,12 +502,13 @@ def _hierarchies(mountinfo="/proc/self/mountinfo"):
     return [point for _, point in sorted(set(points))]
 
 
-def sweep():
-    """Kill the processes in, then remove, every cnlab cgroup in every hierarchy."""
+def sweep(prefix=resources.PREFIX):
+    """Kill the processes in, then remove, every cnlab cgroup (or those whose name starts with
+    ``prefix``) in every hierarchy."""
     ours = []
     for root in _hierarchies():
         for top, dirs, _ in os.walk(root):
-            mine = [d for d in dirs if d.startswith(resources.PREFIX)]
+            mine = [d for d in dirs if d.startswith(prefix)]
             ours += [Path(top) / d for d in mine]
             dirs[:] = [d for d in dirs if d not in mine]     # their insides go with them
     _kill_trees(ours, _BUSY_TIMEOUT)

@@ -586,9 +586,10 @@ def _remove_netns(name):
         netns.remove(name)
 
 
-def sweep():
-    """Delete every cnlab network namespace (their veths go with them)."""
+def sweep(prefix=resources.PREFIX):
+    """Delete every cnlab network namespace (or those whose name starts with ``prefix``);
+    their veths go with them."""
     if NETNS_DIR.is_dir():
         for path in NETNS_DIR.iterdir():
-            if path.name.startswith(resources.PREFIX):
+            if path.name.startswith(prefix):
                 _remove_netns(path.name)

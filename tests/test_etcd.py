@@ -18,10 +18,9 @@ def _alive(pid):
 
 # ---------------------------------------------------------------- pure logic, no etcd needed
 
-@pytest.mark.parametrize("prefix, end", [("/registry/pods/", b"/registry/pods0"), ("a", b"b"),
-                                         ("a\xff", b"b"), ("", b"\0")])
+@pytest.mark.parametrize("prefix, end", [("/registry/pods/", b"/registry/pods0"), ("a", b"b"), ("", b"\0")])
 def test_prefix_end_is_the_first_key_after_the_prefix(prefix, end):
-    assert etcd._prefix_end(prefix) == end if prefix != "a\xff" else etcd._prefix_end(prefix) == "a\xff".encode()[:-1] + b"\xc4"
+    assert etcd._prefix_end(prefix) == end
 
 
 def test_bad_input_fails_before_anything_is_created():

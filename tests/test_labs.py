@@ -66,7 +66,8 @@ def test_plugin_skips_by_name_with_the_reason_and_lists_it_at_the_end(pytester):
 
 
 @pytest.mark.requires("root")
-def test_plugin_fails_a_test_that_leaks_and_sweeps_it(pytester):
+def test_plugin_fails_a_test_that_leaks_and_sweeps_it(pytester, monkeypatch):
+    monkeypatch.setenv("CNLAB_SWEEP_LEAKS", "1")
     pytester.makeconftest(open(labs.LABS.parent / "tests" / "conftest.py").read())
     pytester.makepyfile(test_leak=textwrap.dedent("""
         import subprocess
