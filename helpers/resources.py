@@ -16,7 +16,9 @@ PREFIX = "cnlab"
 LABEL = PREFIX  # Docker/containerd label key: {"cnlab": "<owner>"}
 ROOT = Path(__file__).resolve().parent.parent          # the course checkout
 LABS = ROOT / "labs"
-CACHE = Path(os.environ.get("CNLAB_CACHE", ROOT / ".cache"))     # survives runs: kernel, rootfs
+# Survives runs and checkouts: the kernel, the rootfs, built binaries. Shared by every clone.
+CACHE = Path(os.environ.get("CNLAB_CACHE")
+             or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / PREFIX)
 STATE = Path(os.environ.get("CNLAB_STATE", f"/run/{PREFIX}"))     # per-run: mounts, sockets, data
 
 # Modules that own something beyond the generic kinds below, in the order they must go:

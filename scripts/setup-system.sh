@@ -4,7 +4,7 @@
 # Not root: says what is missing and which labs that disables, and exits 0 so the rest goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE=${CNLAB_CACHE:-$PWD/.cache}
+CACHE=${CNLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cnlab}   # as helpers/resources.py
 
 PACKAGES=(docker.io busybox-static qemu-system-x86 etcd-server etcd-client cpio graphviz iproute2
           containernetworking-plugins kmod)
