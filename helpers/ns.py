@@ -337,7 +337,8 @@ class Child:
                     and "unshared" in self._seen:
                 write_id_maps(self._leader, uid_map, gid_map)
                 os.write(self._go, b"1")
-            if not self._pump(lambda: {"ready", "error"} & self._seen.keys(), deadline):
+            if not self._pump(lambda: {"ready", "pid"} <= self._seen.keys() or "error" in self._seen,
+                              deadline):
                 raise LabTimeout(f"the child was not set up within {timeout} s")
             if "ready" not in self._seen:
                 self.wait()         # raises the child's error
@@ -377,9 +378,10 @@ class Child:
                 self.pid = payload[0]
 
     def kill(self, sig=signal.SIGKILL):
-        """Signal the child's process group: the target and whatever it started."""
+        """Signal the target's process group: the target and whatever it started. (A leader
+        that forked the target is spared: it reaps the target and reports how it ended.)"""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._leader, sig)
+            os.killpg(self.pid or self._leader, sig)
 
     def wait(self, timeout=None):
         """Wait for the child to end and return its Result; re-raise what the callable raised."""
@@ -397,7 +399,10 @@ class Child:
             raise exc
         return self._result
 
-    def _reap(self):
+    def _reap(self, linger=5.0):
+        """Collect what is left in the pipes (a killed target's status comes from its leader),
+        then the leader's exit status."""
+        self._pump(lambda: False, time.monotonic() + linger)
         _, status = os.waitpid(self._leader, 0)
         for fd in self._open:
             self._selector.unregister(fd)
@@ -435,7 +440,7 @@ def _send(fd, *record):
 def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, records, output, go):
     code = 1
     try:
-        os.setsid()                        # its own process group: Child.kill() reaches all of it
+        os.setsid()                        # its own session and process group, for Child.kill()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0), os.dup2(output, 1), os.dup2(output, 2)
         os.close(null), os.close(output)
@@ -467,12 +472,16 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, record
         forks = {"pid", "time"} & (set(new) | {n.kind for n in joined})
         pid = os.fork() if forks else 0
         if pid:
+            with contextlib.suppress(OSError):  # as the target does: whichever runs first
+                os.setpgid(pid, pid)
             _send(records, "pid", pid)
             status = os.waitpid(pid, 0)[1]
             _send(records, "exit", status)
             code = 0
         else:
-            if not forks:
+            if forks:
+                os.setpgid(0, 0)           # its own process group, for Child.kill()
+            else:
                 _send(records, "pid", os.getpid())
             code = _target(target, args, new, hostname, records)
     except BaseException as e:
