@@ -19,7 +19,7 @@ REQUIREMENTS = {
     "root": ("root",),
     "docker": ("docker",),
     "swarm": ("docker", "swarm"),
-    "kvm": ("kvm",),
+    "kvm": ("kvm", "binutils"),
     "qemu": ("qemu", "kernel-image"),
     "etcd": ("etcd",),
     "runc": ("root", "runc"),
@@ -101,16 +101,17 @@ def _swarm(info):
 
 
 def _kvm():
-    import fcntl
-    kvm_get_api_version, kvm_create_vm = 0xAE00, 0xAE01
+    from . import kvm
     try:
-        with open("/dev/kvm", "rb+", buffering=0) as dev:
-            api = fcntl.ioctl(dev, kvm_get_api_version)
-            os.close(fcntl.ioctl(dev, kvm_create_vm, 0))
-        return Check(True, f"KVM API {api}, a VM was created")
+        with kvm.VM():
+            pass
     except OSError as e:
         return Check(False, f"{e.strerror} ({e.filename or '/dev/kvm'}): KVM needs /dev/kvm and root "
                             "(on a cloud VM, a machine type with nested virtualization)")
+    found = kvm.backend()
+    how = found.extension or "no VT-x/AMD-V: a software KVM"
+    return Check(True, f"a VM was created ({found.module or 'kvm'}, {how})",
+                 {"module": found.module, "extension": found.extension})
 
 
 def _kernel_image():
@@ -151,6 +152,7 @@ def probe():
         "docker": docker,
         "swarm": _swarm(info),
         "kvm": _kvm(),
+        "binutils": _tool("as", _apt("binutils")),
         "qemu": _tool("qemu-system-x86_64", _apt("qemu-system-x86")),
         "kernel-image": _kernel_image(),
         "etcd": _tool("etcd", _apt("etcd-server")),

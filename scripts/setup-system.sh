@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${CNLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cnlab}   # as helpers/resources.py
 
-PACKAGES=(docker.io busybox-static qemu-system-x86 etcd-server etcd-client cpio graphviz iproute2
+PACKAGES=(docker.io busybox-static binutils qemu-system-x86 etcd-server etcd-client cpio graphviz iproute2
           containernetworking-plugins kmod)
 
 say() { printf 'setup: %s\n' "$*"; }
