@@ -41,7 +41,7 @@ class Layout:
         return "v1" if self.v1 else "v2" if self.v2 else "none"
 
     def where(self, controller):
-        """"v2" or "v1" for the hierarchy that has this controller, or None."""
+        """Which hierarchy has this controller: "v2", "v1", or None."""
         if controller in self.v2_controllers:
             return "v2"
         return "v1" if controller in self.v1 else None
@@ -183,7 +183,8 @@ class Cgroup:
     end of a ``with`` block. Bad limits (BadInput) and limits the machine can't apply
     (NotSupported) are refused before anything is created.
 
-    ``paths`` maps each hierarchy it lives in ("v2", or a v1 controller name) to its directory.
+    ``paths`` maps each hierarchy it lives in ("v2", or a v1 controller name) to its directory;
+    ``settings`` maps each file a limit was written to to the value.
     ``parent`` (another Cgroup) nests it; ``layout`` (from ``detect()``, or a fake tree in
     tests) says where the hierarchies are.
     """
@@ -195,6 +196,7 @@ class Cgroup:
         self.layout = layout or (parent.layout if parent else detect())
         self.name = _named(name)
         self.paths = self._plan(parent)
+        self.settings = {}         # cgroup file -> the value written to it, for show and tell
         missing = [c for c in self.limits.controllers() if self._dir(c) is None]
         if missing:
             raise NotSupported(
@@ -233,7 +235,7 @@ class Cgroup:
 
     def _create(self):
         if "v2" in self.paths:
-            available = set(_read(self.paths["v2"].parent / "cgroup.controllers", "").split())
+            available = set(_read(self.paths["v2"].parent / "cgroup.controllers").split())
             wanted = [c for c in _V2_USED if c in available]
             if wanted:     # a v2 group only has the controllers its parent hands down
                 _write(self.paths["v2"].parent / "cgroup.subtree_control",
@@ -243,35 +245,41 @@ class Cgroup:
         cpuset = self.paths.get("cpuset")
         if cpuset:         # a v1 cpuset starts empty, and an empty cpuset takes no tasks
             for name in ("cpuset.cpus", "cpuset.mems"):
-                _write(cpuset / name, _read(cpuset.parent / name).strip())
+                _write(cpuset / name, (cpuset.parent / name).read_text().strip())
         self._apply()
 
     def _apply(self):
+        """Write each limit where its controller lives; ``settings`` records what went where."""
         lim, v2 = self.limits, self.layout.where
+
+        def put(controller, name, value, optional=False):
+            path = self._dir(controller) / name
+            if _write(path, value, optional=optional):
+                self.settings[str(path)] = str(value)
+
         if lim.memory is not None:
-            path = self._dir("memory")
             if v2("memory") == "v2":
-                _write(path / "memory.max", lim.memory)
-                _write(path / "memory.swap.max", 0, optional=True)
+                put("memory", "memory.max", lim.memory)
+                put("memory", "memory.swap.max", 0, optional=True)
             else:
-                _write(path / "memory.limit_in_bytes", lim.memory)
-                _write(path / "memory.memsw.limit_in_bytes", lim.memory, optional=True)
+                put("memory", "memory.limit_in_bytes", lim.memory)
+                put("memory", "memory.memsw.limit_in_bytes", lim.memory, optional=True)
         if lim.cpus is not None:
-            path, quota = self._dir("cpu"), round(lim.cpus * lim.cpu_period)
+            quota = round(lim.cpus * lim.cpu_period)
             if v2("cpu") == "v2":
-                _write(path / "cpu.max", f"{quota} {lim.cpu_period}")
+                put("cpu", "cpu.max", f"{quota} {lim.cpu_period}")
             else:
-                _write(path / "cpu.cfs_period_us", lim.cpu_period)
-                _write(path / "cpu.cfs_quota_us", quota)
+                put("cpu", "cpu.cfs_period_us", lim.cpu_period)
+                put("cpu", "cpu.cfs_quota_us", quota)
         if lim.cpu_weight is not None:
             if v2("cpu") == "v2":
-                _write(self._dir("cpu") / "cpu.weight", lim.cpu_weight)
+                put("cpu", "cpu.weight", lim.cpu_weight)
             else:          # v1 shares: 1024 is the default, as 100 is for v2 weights
-                _write(self._dir("cpu") / "cpu.shares", max(2, lim.cpu_weight * 1024 // 100))
+                put("cpu", "cpu.shares", max(2, lim.cpu_weight * 1024 // 100))
         if lim.pids is not None:
-            _write(self._dir("pids") / "pids.max", lim.pids)
+            put("pids", "pids.max", lim.pids)
         if lim.cpuset is not None:
-            _write(self._dir("cpuset") / "cpuset.cpus", lim.cpuset)
+            put("cpuset", "cpuset.cpus", lim.cpuset)
 
     # -- membership --
 
@@ -294,14 +302,15 @@ class Cgroup:
     # -- usage --
 
     def stats(self):
+        """What the group used, and the events its limits caused, as a Stats."""
         mem, cpu, pids = self._dir("memory"), self._dir("cpu"), self._dir("pids")
         v2 = {c: self.layout.where(c) == "v2" for c in ("memory", "cpu")}
         usage = None
         if "v2" in self.paths:    # every v2 group counts its CPU time, with or without controllers
             usage = _keyed(self.paths["v2"] / "cpu.stat").get("usage_usec")
-        elif "cpuacct" in self.paths:
-            ns = _read(self.paths["cpuacct"] / "cpuacct.usage")
-            usage = int(ns) // 1000 if ns else None
+        elif "cpuacct" in self.paths:                               # v1 counts nanoseconds
+            nanoseconds = _number(self.paths["cpuacct"], "cpuacct.usage")
+            usage = None if nanoseconds is None else nanoseconds // 1000
         throttling = _keyed(cpu / "cpu.stat") if cpu else {}
         throttled = throttling.get("throttled_usec")
         if throttled is None and "throttled_time" in throttling:      # v1 counts nanoseconds
@@ -350,7 +359,7 @@ class Cgroup:
         kind, path = self._freezer()
         if kind == "v2":
             return _keyed(path / "cgroup.events").get("frozen") == 1
-        return _read(path / "freezer.state", "").strip() == "FROZEN"
+        return _read(path / "freezer.state").strip() == "FROZEN"
 
     def kill(self, timeout=_BUSY_TIMEOUT):
         """SIGKILL every process in the group and its sub-groups; return once they are gone."""
@@ -385,13 +394,13 @@ def _named(name):
 # --- files ------------------------------------------------------------------------------------
 
 def _write(path, value, *, optional=False):
-    """Write one value to an existing cgroup file. No such file: the kernel lacks the feature
-    (NotSupported, or skipped when ``optional``); EINVAL: the kernel refused the value (BadInput)."""
+    """Write one value to an existing cgroup file; True when written. No such file: the kernel
+    lacks the feature (NotSupported, or False when ``optional``); EINVAL: it refused the value."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     except FileNotFoundError as e:
         if optional:
-            return
+            return False
         raise NotSupported(f"{path} does not exist: this kernel cannot apply that setting") from e
     try:
         os.write(fd, str(value).encode())
@@ -400,28 +409,28 @@ def _write(path, value, *, optional=False):
         raise kind(f"the kernel refused {value!r} for {path}: {e.strerror}") from e
     finally:
         os.close(fd)
+    return True
 
 
-def _read(path, default=None):
+def _read(path):
+    """A cgroup file's text, or "" when it (or its group) does not exist."""
     try:
         return Path(path).read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        if default is None:
-            raise
-        return default
+    except FileNotFoundError:
+        return ""
 
 
 def _number(directory, name):
     if directory is None:
         return None
-    text = _read(directory / name, "").strip()
+    text = _read(directory / name).strip()
     return int(text) if text.isdigit() else None
 
 
 def _keyed(path):
     """A flat-keyed file ("populated 1", "oom_kill 0") as {key: int}; {} if it is missing."""
     values = {}
-    for line in _read(path, "").splitlines():
+    for line in _read(path).splitlines():
         key, _, value = line.partition(" ")
         if value.strip().lstrip("-").isdigit():
             values[key] = int(value)
@@ -429,7 +438,7 @@ def _keyed(path):
 
 
 def _pids(path):
-    return [int(p) for p in _read(path / "cgroup.procs", "").split()]
+    return [int(p) for p in _read(path / "cgroup.procs").split()]
 
 
 def _tree(path):
@@ -488,6 +497,18 @@ def _remove_tree(path, timeout):
                                        "then run helpers.cleanup()") from e
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
+
+
+def sample(groups, seconds, every=0.1):
+    """Read the stats of each group every ``every`` seconds for ``seconds`` seconds: a list of
+    (seconds since the start, [Stats of each group]), for plotting usage over time."""
+    start, samples = time.monotonic(), []
+    while True:
+        elapsed = time.monotonic() - start
+        samples.append((elapsed, [group.stats() for group in groups]))
+        if elapsed >= seconds:
+            return samples
+        time.sleep(min(every, max(0.0, seconds - elapsed)))
 
 
 def _hierarchies(mountinfo="/proc/self/mountinfo"):

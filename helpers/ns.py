@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import selectors
 import shutil
 import signal
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +181,21 @@ def lsns(pid):
             for n in json.loads(out)["namespaces"]]
 
 
+def children(pid=None):
+    """The pids of the children of ``pid`` (default: this process), zombies included: what
+    ``start()`` left running or unreaped. A notebook checks it is empty at the end."""
+    pid = os.getpid() if pid is None else int(pid)
+    found = []
+    for other in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{other}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:     # the field after the state
+            found.append(int(other))
+    return sorted(found)
+
+
 # --- running in a child -----------------------------------------------------------------------
 
 @dataclass
@@ -213,7 +230,7 @@ def start(target, *args, new=(), join=None, cgroup=None, hostname=None, uid_map=
     flags(new)
     joined = _to_join(join)
     try:
-        _check(target, new, {n.kind for n in joined}, hostname, uid_map, clocks)
+        _check(target, new, {n.kind for n in joined}, cgroup, hostname, uid_map, clocks)
         if "user" in new:
             uid_map = _id_map(uid_map if uid_map is not None else DEFAULT_ID_MAP, "uid_map")
             gid_map = _id_map(gid_map if gid_map is not None else uid_map, "gid_map")
@@ -264,7 +281,10 @@ def _to_join(join):
             raise BadInput("join= must be a pid or a list of Namespace objects",
                            fix="use join=child.pid or join=[ns.Namespace.of(pid, 'net')]")
         return list(join)
-    pid = int(join)
+    try:
+        pid = int(join)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"join={join!r} is not a pid", fix="use join=child.pid") from e
     found = []
     for kind in NAMESPACES:
         try:
@@ -275,11 +295,13 @@ def _to_join(join):
     return found
 
 
-def _check(target, new, joined, hostname, uid_map, clocks):
+def _check(target, new, joined, cgroup, hostname, uid_map, clocks):
     """Refuse bad combinations before anything is forked."""
     if not callable(target) and not (isinstance(target, (list, tuple)) and target
                                      and all(isinstance(a, (str, os.PathLike)) for a in target)):
         raise BadInput(f"cannot run {target!r}", fix='pass a callable, or a command as a list: ["ps", "-e"]')
+    if cgroup is not None and not callable(getattr(cgroup, "add", None)):
+        raise BadInput(f"cgroup={cgroup!r} has no add() method", fix="pass a helpers.cgroups.Cgroup")
     if len(set(new)) != len(new) or set(new) & joined:
         raise BadInput(f"each namespace type can be new or joined once: new={list(new)}, "
                        f"joined={sorted(joined)}")
@@ -317,10 +339,9 @@ class Child:
 
     def __init__(self, leader, records, output, go):
         self._leader = leader          # the process we forked, leader of its own process group
-        self._records = records        # pipe: pickled (tag, ...) records from the child
-        self._go = go                  # pipe to the child: "continue", once the id maps are written
-        self._open = {records, output}
+        self._open = {records, output}  # pipes from the child: pickled records, and its output
         self._output = output
+        self._go = go                  # pipe to the child: "continue", once the id maps are written
         self._selector = selectors.DefaultSelector()
         for fd in self._open:
             self._selector.register(fd, selectors.EVENT_READ)
@@ -512,10 +533,9 @@ def _target(target, args, new, hostname, records):
 # --- named network namespaces -----------------------------------------------------------------
 
 def _named(name):
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() \
-            or len(name) > 48:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}", name):
         raise BadInput(f"{name!r} is not a usable name",
-                       fix="use letters, digits, - and _ (at most 48 characters)")
+                       fix="use letters, digits, '.', '-' and '_' (at most 48 characters)")
     return name if name.startswith(resources.PREFIX) else resources.name(name)
 
 
@@ -539,15 +559,12 @@ class NetNS(Namespace):
             _remove_netns(self.name)
             raise
 
-    def iproute(self):
-        """A pyroute2 IPRoute talking to the kernel inside this namespace (a context manager)."""
-        from pyroute2 import IPRoute
-        return IPRoute(netns=self.name)
-
     def links(self):
         """{interface name: "up" | "down"} inside this namespace."""
-        with self.iproute() as ipr:
-            return {link.get_attr("IFLA_IFNAME"): link.get("state") for link in ipr.get_links()}
+        def read():
+            with _iproute(self) as ipr:
+                return {link.get_attr("IFLA_IFNAME"): link.get("state") for link in ipr.get_links()}
+        return _off_the_loop(read)
 
     def remove(self):
         """Delete it; removing twice, or after a sweep, is fine."""
@@ -568,14 +585,24 @@ def connect(a, b, address_a, address_b, *, names=("veth0", "veth1")):
         raise BadInput(str(e), fix='use addresses with a prefix length, e.g. "10.200.0.1/24"') from e
     if any(len(n) > 15 or not n.isprintable() or "/" in n for n in names):
         raise BadInput(f"interface names {names} must be at most 15 characters")
-    with a.iproute() as ipr:
-        ipr.link("add", ifname=names[0], kind="veth", peer={"ifname": names[1], "net_ns_fd": b.name})
-    for space, name, address in ((a, names[0], ends[0]), (b, names[1], ends[1])):
-        with space.iproute() as ipr:
-            index = ipr.link_lookup(ifname=name)[0]
-            ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
-            ipr.link("set", index=index, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    def configure():
+        with _iproute(a) as ipr:
+            ipr.link("add", ifname=names[0], kind="veth", peer={"ifname": names[1], "net_ns_fd": b.name})
+        for space, name, address in ((a, names[0], ends[0]), (b, names[1], ends[1])):
+            with _iproute(space) as ipr:
+                index = ipr.link_lookup(ifname=name)[0]
+                ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+                ipr.link("set", index=index, state="up")
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for space, name in ((a, names[0]), (b, names[1])):    # until the kernel says it is up
+            with _iproute(space) as ipr:
+                deadline = time.monotonic() + 5
+                while ipr.get_links(ifname=name)[0].get_attr("IFLA_OPERSTATE") != "UP":
+                    if time.monotonic() > deadline:
+                        raise LabTimeout(f"the veth end {name} in {space.name} did not come up")
+                    time.sleep(0.01)
+    _off_the_loop(configure)
 
 
 def ping(space, address, count=3):
@@ -587,6 +614,19 @@ def ping(space, address, count=3):
     if tool is None:
         raise MissingTool("ping", package="iputils-ping")
     return run([*tool, "-c", str(int(count)), "-W", "2", str(address)], join=[space], timeout=30)
+
+
+def _iproute(space):
+    """pyroute2's IPRoute, talking netlink to the kernel inside ``space`` (a NetNS)."""
+    from pyroute2 import IPRoute
+    return IPRoute(netns=space.name)
+
+
+def _off_the_loop(work):
+    """Run ``work()`` in a fresh thread: pyroute2's synchronous API runs an asyncio loop of its
+    own, which fails in a thread that already runs one, like a Jupyter kernel's main thread."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(work).result()
 
 
 def _remove_netns(name):

@@ -21,6 +21,11 @@ from helpers.errors import BadInput, LabError, LabTimeout, NotSupported
 DATA = Path(__file__).parent / "data" / "cgroupfs-v2"
 
 
+def _leftovers():
+    """This module's kinds of cnlab leftovers (processes of other work may come and go)."""
+    return {item for item in helpers.leftovers() if item.startswith(("cgroup",))}
+
+
 # --- parsing ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, size", [
@@ -156,6 +161,9 @@ def test_v2_limits_go_to_the_v2_files(fake):
     path = fake.root / "cnlab-web"
     assert group.paths == {"v2": path}
     assert (fake.root / "cgroup.subtree_control").read_text() == "+memory +cpu +cpuset +pids"
+    assert group.settings == {str(path / name): (path / name).read_text() for name in
+                              ("memory.max", "memory.swap.max", "cpu.max", "cpu.weight", "pids.max",
+                               "cpuset.cpus")}
     assert {name: (path / name).read_text() for name in
             ("memory.max", "memory.swap.max", "cpu.max", "cpu.weight", "pids.max", "cpuset.cpus")} == {
         "memory.max": "67108864", "memory.swap.max": "0", "cpu.max": "50000 100000",
@@ -180,6 +188,14 @@ def test_v2_stats_are_read_from_the_kernel_files(fake):
     assert group.stats() == cgroups.Stats(
         memory_current=1048576, memory_peak=33554432, oom_kills=1, cpu_usage_us=250000,
         cpu_periods=10, cpu_throttled=8, cpu_throttled_us=700000, pids_current=3, pids_refused=81)
+
+
+def test_sample_reads_every_group_over_time(fake):
+    groups = [Cgroup("a", layout=fake.layout), Cgroup("b", layout=fake.layout)]
+    (groups[1].paths["v2"] / "cpu.stat").write_text("usage_usec 7\n")
+    samples = cgroups.sample(groups, seconds=0.2, every=0.05)
+    assert 4 <= len(samples) <= 6 and samples[0][0] < 0.05 and samples[-1][0] >= 0.2
+    assert [[s.cpu_usage_us for s in stats] for _, stats in samples] == [[0, 7]] * len(samples)
 
 
 def test_v2_without_controllers_still_counts_cpu_time(tmp_path, monkeypatch):
@@ -360,6 +376,8 @@ def test_cpu_weights_share_one_core(real):
 @pytest.mark.requires("root")
 def test_weight_and_cpuset_land_in_the_files_of_this_layout(real):
     with Cgroup("files", cpu_weight=300, cpuset="0", pids=7) as group:
+        assert len(group.settings) == 3
+        assert all(Path(f).read_text().strip() == v for f, v in group.settings.items())
         cpu = group._dir("cpu")
         if real.where("cpu") == "v1":
             assert (cpu / "cpu.shares").read_text().strip() == "3072"
@@ -422,14 +440,14 @@ def test_remove_under_load_kills_and_removes_sub_groups_twice(real):
 
 @pytest.mark.requires("root")
 def test_a_test_that_fails_midway_leaves_nothing(real):
-    before = set(helpers.leftovers())
+    before = _leftovers()
     with pytest.raises(RuntimeError, match="midway"):
         with Cgroup("midway", memory="64M", pids=10) as group:
             child = ns.start(spawner, 2, cgroup=group)    # not in a with: the group must kill it
             raise RuntimeError("midway")
     assert child.wait(5).status == 137
     assert _gone(group)
-    assert set(helpers.leftovers()) <= before
+    assert _leftovers() <= before and ns.children() == []
 
 
 @pytest.mark.requires("root")
