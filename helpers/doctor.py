@@ -122,9 +122,8 @@ def _kernel_image():
 
 
 def _cni():
-    plugins = "/usr/lib/cni"
-    ok = os.path.isfile(f"{plugins}/bridge")
-    return Check(ok, plugins if ok else f"CNI plugins missing: {_apt('containernetworking-plugins')}")
+    found = next((d for d in ("/usr/lib/cni", "/opt/cni/bin") if os.path.isfile(f"{d}/bridge")), None)
+    return Check(found is not None, found or f"CNI plugins missing: {_apt('containernetworking-plugins')}")
 
 
 def _cluster():
