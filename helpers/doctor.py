@@ -4,6 +4,7 @@
 one key per capability, each ``{"ok": bool, "detail": str}`` (plus extra keys where useful).
 A capability that is missing says why, and what to do about it.
 """
+import contextlib
 import functools
 import os
 import platform
@@ -81,23 +82,20 @@ def _namespace(kind):
 
 
 def _docker():
-    from . import images
+    """The engine's check, and the Swarm's (which needs the engine to ask)."""
+    from . import images, swarm
     try:
         client = images.client(timeout=5)
     except images.EngineUnavailable as e:
-        return Check(False, str(e)), None
-    try:
-        return Check(True, f"engine {client.version()['Version']}"), client.info()
-    finally:
-        client.close()
-
-
-def _swarm(info):
-    if info is None:
-        return Check(False, "needs a Docker engine")
-    state = info.get("Swarm", {}).get("LocalNodeState", "unknown")
-    ok = state in ("inactive", "active")
-    return Check(ok, f"node state {state}" + ("" if ok else ": run `docker swarm leave --force`"))
+        return Check(False, str(e)), Check(False, "needs a Docker engine")
+    with contextlib.closing(client):
+        engine = Check(True, f"engine {client.version()['Version']}")
+        state = client.info().get("Swarm", {}).get("LocalNodeState", "unknown")
+        if state == "inactive" or (state == "active" and swarm.is_ours(client)):
+            return engine, Check(True, f"node state {state}")
+        why = ("a swarm the course did not make is active: the Swarm lab leaves it alone"
+               if state == "active" else f"node state {state}")
+        return engine, Check(False, f"{why}; `docker swarm leave --force` frees the engine")
 
 
 def _kvm():
@@ -142,14 +140,14 @@ def _cluster():
 @functools.cache
 def probe():
     """Probe everything once per process; return {capability: Check}."""
-    docker, info = _docker()
+    docker, swarm = _docker()
     report = {
         "root": _root(),
         "kernel": Check(True, platform.release()),
         "cgroup": _cgroup(),
         **{f"ns.{kind}": _namespace(kind) for kind in ns.NAMESPACES},
         "docker": docker,
-        "swarm": _swarm(info),
+        "swarm": swarm,
         "kvm": _kvm(),
         "binutils": _tool("as", _apt("binutils")),
         "qemu": _tool("qemu-system-x86_64", _apt("qemu-system-x86")),

@@ -385,13 +385,17 @@ def cgroup_limits(folders):
 
 def sweep():
     """Remove every container, network and volume labelled ``cnlab`` (images are kept: a cache)."""
+    import docker
     try:
         c = client(timeout=10)
     except EngineUnavailable:
         return
     with contextlib.closing(c):
-        for container in c.containers.list(all=True, filters={"label": LABEL}):
-            container.remove(force=True)
+        for container in c.api.containers(all=True, filters={"label": LABEL}):
+            try:
+                c.api.remove_container(container["Id"], force=True)
+            except docker.errors.NotFound:  # a swarm task's container, gone meanwhile
+                pass
         for network in c.networks.list(filters={"label": LABEL}):
             network.remove()
         for volume in c.volumes.list(filters={"label": LABEL}):

@@ -75,16 +75,21 @@ def _processes():
 
 
 def _docker():
+    from .images import EngineUnavailable, client as docker_client
+    from .swarm import is_ours
     try:
-        import docker
-        client = docker.from_env(timeout=5)
-        client.ping()
-    except Exception:  # no SDK or no engine: nothing of ours can be alive there
+        client = docker_client(timeout=5)
+    except EngineUnavailable:  # no engine: nothing of ours can be alive there
         return []
     with contextlib.closing(client):
-        return ([f"container {c.name}" for c in client.containers.list(all=True, filters={"label": LABEL})]
-                + [f"docker-network {n.name}" for n in client.networks.list(filters={"label": LABEL})]
-                + [f"docker-volume {v.name}" for v in client.volumes.list(filters={"label": LABEL})])
+        # the low-level list: the high-level one re-reads each container, racing their removal
+        found = [f"container {c['Names'][0].lstrip('/')}"
+                 for c in client.api.containers(all=True, filters={"label": LABEL})]
+        found += [f"docker-network {n.name}" for n in client.networks.list(filters={"label": LABEL})]
+        found += [f"docker-volume {v.name}" for v in client.volumes.list(filters={"label": LABEL})]
+        if client.info()["Swarm"]["LocalNodeState"] == "active" and is_ours(client):
+            found.append("swarm made by the course")
+        return found
 
 
 def leftovers():

@@ -89,7 +89,8 @@ def test_watch_sees_changes_and_resumes_from_a_revision(db):
         db.put("/other", "not watched")
         db.delete("/jobs/a")
         events = list(watch.events(timeout=5, count=2))
-    assert [(e.type, e.key, e.value) for e in events] == [("PUT", "/jobs/a", b"1"), ("DELETE", "/jobs/a", b"")]
+    assert [(e.type, e.key, e.value) for e in events] == [("PUT", "/jobs/a", b"1"),
+                                                          ("DELETE", "/jobs/a", b"")]
     assert events[1].mod_revision == start + 3
     with db.watch("/jobs/", prefix=True, start_revision=start + 1) as replay:  # a reconnect
         assert [e.type for e in replay.events(timeout=5, count=2)] == ["PUT", "DELETE"]
@@ -184,6 +185,23 @@ def test_a_taken_port_fails_with_the_log():
         assert not second.running
         second.remove()
         assert first.client().put("/still", "fine")
+
+
+@pytest.mark.requires("etcd")
+def test_a_watch_says_where_to_resume_when_etcd_goes_away():
+    with etcd.Server("resume") as server:
+        db = server.client()
+        watch = db.watch("/k")
+        db.put("/k", "1")
+        assert watch.get(5).value == b"1"
+        server.kill()
+        with pytest.raises(etcd.EtcdError, match=f"start_revision={watch.last_revision + 1}"):
+            watch.get(5)
+        server.start()
+        db.put("/k", "2")  # written while nobody watched
+        with db.watch("/k", start_revision=watch.last_revision + 1) as resumed:
+            assert resumed.get(5).value == b"2"
+        watch.close()
 
 
 @pytest.mark.requires("etcd")
