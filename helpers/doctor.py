@@ -25,7 +25,7 @@ REQUIREMENTS = {
     "etcd": ("etcd",),
     "runc": ("root", "runc"),
     "containerd": ("root", "containerd", "runc", "cni"),
-    "kind": ("docker", "kind", "kubectl"),
+    "kind": ("docker", "kind", "kubectl", "kind-preflight"),
     "cluster": ("cluster",),
 }
 
@@ -124,6 +124,13 @@ def _cni():
     return Check(found is not None, found or f"CNI plugins missing: {_apt('containernetworking-plugins')}")
 
 
+def _kind_preflight():
+    from . import kind
+    found = [p for p in kind.problems(kind.read_machine()) if p.what != "kind is not installed"]
+    return Check(not found, "; ".join(f"{p.what} (fix: {p.fix})" for p in found)
+                 or "Docker, inotify limits and disk space are enough for kind")
+
+
 def _cluster():
     try:
         from kubernetes import client, config
@@ -159,6 +166,7 @@ def probe():
         "cni": _cni(),
         "kind": _tool("kind", "install kind as the README's 'Kubernetes labs' section says",
                       version_args=("version",)),
+        "kind-preflight": _kind_preflight(),
         "kubectl": _tool("kubectl", "install kubectl as the README's 'Kubernetes labs' section says",
                          version_args=("version", "--client")),
         "cluster": _cluster(),

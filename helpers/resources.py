@@ -23,7 +23,7 @@ STATE = Path(os.environ.get("CNLAB_STATE", f"/run/{PREFIX}"))     # per-run: mou
 
 # Modules that own something beyond the generic kinds below, in the order they must go:
 # what runs inside something else is stopped first. Each has a ``sweep()``.
-_OWNERS = ("sandbox", "vm", "cri", "containerd", "runc", "controller", "swarm", "images",
+_OWNERS = ("kind", "sandbox", "vm", "cri", "containerd", "runc", "controller", "swarm", "images",
            "apiserver", "etcd", "ns", "cgroups", "oci")
 
 
