@@ -11,6 +11,8 @@ PACKAGES=(docker.io busybox-static binutils qemu-system-x86 etcd-server etcd-cli
 
 say() { printf 'setup: %s\n' "$*"; }
 
+# virtiofsd has its own package from Debian 13 on (before, it ships in qemu-system-common).
+apt-cache show virtiofsd >/dev/null 2>&1 && PACKAGES+=(virtiofsd)
 # An engine that already answers (Docker Desktop, a CI runner's docker-ce) is kept as it is.
 docker info >/dev/null 2>&1 && PACKAGES=("${PACKAGES[@]/docker.io}")
 
