@@ -62,7 +62,13 @@ def _no_leaks(request):
 
 
 def pytest_sessionstart(session):
-    session.config._cnlab_before = set(helpers.leftovers())
+    """What an earlier, crashed run left is swept first, so that this run starts clean."""
+    found = helpers.leftovers()
+    if found and os.environ.get("CNLAB_SWEEP_LEAKS", "1") != "0":
+        print("\nswept before the run (left by an earlier one): " + "; ".join(found))
+        helpers.cleanup()
+        found = helpers.leftovers()
+    session.config._cnlab_before = set(found)
 
 
 def pytest_sessionfinish(session, exitstatus):
