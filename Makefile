@@ -7,12 +7,16 @@ STAMP := $(VENV)/.installed
 EXECUTE ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: setup system book test lab bench doctor clean
+.PHONY: setup system apiserver book test lab bench doctor clean
 
-setup: system $(STAMP)
+setup: system $(STAMP) apiserver
 
 system:
 	@bash scripts/setup-system.sh
+
+# The real Kubernetes API server code, built once from Debian's Go sources (minutes; cached).
+apiserver: $(STAMP)
+	@$(PY) -m helpers.apiserver build
 
 $(STAMP): requirements.txt pyproject.toml
 	@echo "setup: Python packages into $(VENV)"

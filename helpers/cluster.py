@@ -403,7 +403,7 @@ class Cluster:
         """
         from kubernetes.dynamic.exceptions import ResourceNotFoundError, ResourceNotUniqueError
         from kubernetes.dynamic.resource import ResourceList
-        api_version = api_version or _KINDS.get(kind)
+        api_version = api_version or _KINDS.get(kind) or self._custom_kind_version(kind)
         if api_version is None:  # an unusual kind named alone: search every group
             try:
                 with self._errors(kind):
@@ -428,6 +428,18 @@ class Cluster:
             else:
                 raise UnknownKind(kind, api_version, self.context)
         return self._resources[(api_version, kind)]
+
+    def _custom_kind_version(self, kind):
+        """The storage version of the CRD that defines ``kind``, or None. Asked before a search
+        of every group, which a lone apiextensions-apiserver (no ``/api``) cannot answer."""
+        try:
+            crds = self.resource("CustomResourceDefinition", "apiextensions.k8s.io/v1").get()
+        except ApiError:  # not allowed to list CRDs: the search may still find it
+            return None
+        for crd in crds.items:
+            if crd.spec.names.kind == kind:
+                return f"{crd.spec.group}/{next(v.name for v in crd.spec.versions if v.storage)}"
+        return None
 
     def _ns(self, resource, namespace):
         return (namespace or self.namespace) if resource.namespaced else None

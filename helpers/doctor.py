@@ -27,6 +27,7 @@ REQUIREMENTS = {
     "containerd": ("root", "containerd", "runc", "cni"),
     "kind": ("docker", "kind", "kubectl", "kind-preflight"),
     "cluster": ("cluster",),
+    "apiserver": ("etcd", "apiserver"),
 }
 
 
@@ -131,6 +132,12 @@ def _kind_preflight():
                  or "Docker, inotify limits and disk space are enough for kind")
 
 
+def _apiserver():
+    """Built from Debian's Go sources by the set-up; a build problem is not a machine's lack."""
+    from . import apiserver
+    return Check(*apiserver.status())
+
+
 def _cluster():
     try:
         from kubernetes import client, config
@@ -170,6 +177,7 @@ def probe():
         "kubectl": _tool("kubectl", "install kubectl as the README's 'Kubernetes labs' section says",
                          version_args=("version", "--client")),
         "cluster": _cluster(),
+        "apiserver": _apiserver(),
     }
     return report
 
