@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -518,12 +517,6 @@ _NO_CORE_ADMISSION = ("NamespaceLifecycle", "MutatingAdmissionWebhook", "Validat
                       "ValidatingAdmissionPolicy", "MutatingAdmissionPolicy")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """etcd + ``apiextensions-apiserver`` on loopback, with their own CA: ``start()``, ``stop()``.
 
@@ -587,7 +580,7 @@ class Server:
         self._ca = _issue("cnlab-apiserver-ca")   # its key stays in this process's memory
         self.ca_file.write_bytes(_pem_cert(self._ca[1]))
         serving = _write_pair(self.dir, "serving", _issue("cnlab-apiserver", issuer=self._ca, server=True))
-        self.port = _free_port()
+        self.port = resources.free_port()
         self._write_kubeconfig(self.kubeconfig, "cnlab-admin", ("system:masters",))
         self.etcd = etcd.Server(self.name.removeprefix(resources.PREFIX + "-")).start()
         kubeconfig = str(self.kubeconfig)

@@ -63,12 +63,6 @@ class Compacted(EtcdError):
 
 # ---------------------------------------------------------------------------------- server
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """One etcd process: ``start()``, ``stop()``, ``kill()`` (SIGKILL), ``restart()``, ``remove()``.
 
@@ -84,8 +78,8 @@ class Server:
         self.dir = resources.STATE / "etcd" / self.name
         self.keep = keep
         self.timeout = timeout
-        self.client_url = f"http://127.0.0.1:{_free_port()}"
-        self.peer_url = f"http://127.0.0.1:{_free_port()}"
+        self.client_url = f"http://127.0.0.1:{resources.free_port()}"
+        self.peer_url = f"http://127.0.0.1:{resources.free_port()}"
         self._process = None
 
     @property

@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def state_dir(*parts):
     path = STATE.joinpath(*map(str, parts))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now (servers stay on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _mounts():
