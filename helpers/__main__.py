@@ -1,4 +1,5 @@
-"""Command line: ``python -m helpers doctor [--json]``, ``python -m helpers labs [--check|--execute]``."""
+"""Command line: ``python -m helpers doctor [--json]``, ``python -m helpers labs [--check|--execute]``,
+``python -m helpers sandbox run [docker-run-like options] -- command``."""
 import argparse
 import json
 import sys
@@ -7,6 +8,10 @@ from . import doctor, labs
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sandbox"]:  # docker-run-like options: the sandbox's own parser
+        from . import sandbox
+        return sandbox.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m helpers")
     sub = parser.add_subparsers(dest="command", required=True)
     doc = sub.add_parser("doctor", help="what this machine can do, and which labs can run here")
@@ -15,6 +20,7 @@ def main(argv=None):
     lab.add_argument("--check", action="store_true", help="report notebooks that break the course's rules")
     lab.add_argument("--execute", action="store_true", help="re-execute every lab this machine can run")
     lab.add_argument("names", nargs="*", help="only these labs (file stems)")
+    sub.add_parser("sandbox", help="a container from scratch: sandbox run [options] -- command")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
