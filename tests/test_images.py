@@ -1,16 +1,20 @@
 """helpers.images: offline builds, layers, containers with limits, and the typed errors.
 
-The shared Docker engine is never stopped (other work uses it): "the engine is not running" is
-tested by pointing the client at a socket where nothing listens, and "the engine does not
-answer" at a socket that accepts connections and never replies.
+The shared Docker engine is never stopped (other work uses it): "the engine stops" is tested on
+a private dockerd that the test starts and stops; "the engine is not running" by pointing the
+client at a socket where nothing listens, and "the engine does not answer" at a socket that
+accepts connections and never replies.
 """
 import contextlib
+import shutil
 import socket
+import subprocess
 import threading
+import time
 
 import pytest
 
-from helpers import images
+from helpers import images, resources
 from helpers.errors import BadInput, LabError, LabTimeout
 
 NOWHERE = "unix:///run/cnlab/nothing.sock"
@@ -105,6 +109,42 @@ def test_an_engine_that_does_not_answer_is_a_lab_timeout(silent_engine):
         images.client(timeout=1, base_url=silent_engine)
     assert isinstance(caught.value, images.EngineUnavailable)       # callers checking for an engine
     assert not isinstance(caught.value, requests.exceptions.RequestException)
+
+
+@pytest.fixture
+def private_engine():
+    """A dockerd of the test's own (no bridge, no iptables), under the course's state folder."""
+    where = resources.state_dir("docker-test")
+    url = f"unix://{where}/docker.sock"
+    engine = subprocess.Popen(
+        ["dockerd", "--host", url, "--data-root", f"{where}/data", "--exec-root", f"{where}/exec",
+         "--pidfile", f"{where}/docker.pid", "--bridge", "none", "--iptables=false", "--ip-masq=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(images.EngineUnavailable):
+                images.client(timeout=2, base_url=url).close()
+                break
+            time.sleep(0.1)
+        yield url, engine
+    finally:
+        engine.terminate()
+        engine.wait(timeout=30)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.requires("root", "docker")
+def test_an_engine_that_stops_is_engine_unavailable_saying_how_to_start_it(private_engine, monkeypatch):
+    url, engine = private_engine
+    with contextlib.closing(images.client(base_url=url)) as client:
+        assert client.version()["Version"]
+    engine.terminate()
+    engine.wait(timeout=30)
+    with pytest.raises(images.EngineUnavailable, match="start it with `sudo dockerd"):
+        images.client(base_url=url)
+    monkeypatch.setenv("DOCKER_HOST", url)
+    with pytest.raises(images.EngineUnavailable):
+        images.busybox()
 
 
 # --- for real ---------------------------------------------------------------------------------
