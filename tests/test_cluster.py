@@ -11,7 +11,7 @@ import yaml
 from kubernetes import client as k
 from kubernetes.client.rest import ApiException
 
-from helpers import cluster
+from helpers import cluster, operator
 from helpers.errors import BadInput, LabTimeout
 
 META = k.V1ObjectMeta
@@ -408,7 +408,7 @@ def test_a_controller_reconciles_each_key_once_per_burst_and_retries_failures(fa
         seen.append(key)
         return f"reconciled {key}"
 
-    ctl = cluster.Controller(c, reconcile, [("ConfigMap", "v1", None, lambda o: o["metadata"]["name"])], resync=1)
+    ctl = operator.Controller(c, reconcile, [("ConfigMap", "v1", None, lambda o: o["metadata"]["name"])], resync=1)
     with ctl:
         deadline = time.monotonic() + 10
         while not {"a", "b"} <= set(seen) and time.monotonic() < deadline:
@@ -463,7 +463,7 @@ def echo(replicas=2, message="hello", ready=None):
 
 
 def test_echo_deployment_is_the_template_named_sized_and_owned():
-    dep = cluster.echo_deployment(echo())
+    dep = operator.echo_deployment(echo())
     assert dep["metadata"]["name"] == "echo-hello" and dep["spec"]["replicas"] == 2
     assert dep["metadata"]["ownerReferences"][0] == {"apiVersion": "cnlab.example/v1", "kind": "Echo",
                                                      "name": "hello", "uid": "echo-uid", "controller": True,
@@ -473,17 +473,17 @@ def test_echo_deployment_is_the_template_named_sized_and_owned():
 
 
 def test_echo_drift_and_status():
-    desired = cluster.echo_deployment(echo())
-    assert cluster.echo_drift(None, desired) == ["created Deployment echo-hello (2 replicas)"]
-    live = cluster.echo_deployment(echo(replicas=5, message="edited by hand"))
-    assert cluster.echo_drift(live, desired) == ["replicas 5 -> 2", "message -> 'hello'"]
-    assert cluster.echo_drift(desired, desired) == []
-    st = cluster.echo_status(echo(), deployment(replicas=2, available=1))
+    desired = operator.echo_deployment(echo())
+    assert operator.echo_drift(None, desired) == ["created Deployment echo-hello (2 replicas)"]
+    live = operator.echo_deployment(echo(replicas=5, message="edited by hand"))
+    assert operator.echo_drift(live, desired) == ["replicas 5 -> 2", "message -> 'hello'"]
+    assert operator.echo_drift(desired, desired) == []
+    st = operator.echo_status(echo(), deployment(replicas=2, available=1))
     assert st["readyReplicas"] == 0 and st["conditions"][0] == {"type": "Ready", "status": "False",
                                                                 "reason": "WaitingForReplicas"}
     dep = cluster.plain(deployment(replicas=2))
     dep["status"]["readyReplicas"] = 2
-    assert cluster.echo_status(echo(), dep)["conditions"][0]["status"] == "True"
+    assert operator.echo_status(echo(), dep)["conditions"][0]["status"] == "True"
 
 
 # ------------------------------------------------------------------------------ a real cluster

@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import cluster, kind, labs
+from helpers import cluster, kind, labs, operator
 
 FILES = sorted(cluster.MANIFESTS.rglob("*.y*ml"))
 DOCS = [(path, doc) for path in FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
@@ -75,7 +75,7 @@ def test_the_validator_really_runs():
 def test_what_the_helpers_build_validates_too():
     echo = yaml.safe_load((cluster.MANIFESTS / "44-controller/hello.yaml").read_text())
     echo["metadata"].update(namespace="cnlab-controller", uid="0f3a9a4e-0000-4000-8000-000000000000")
-    validate(cluster.echo_deployment(echo))
+    validate(operator.echo_deployment(echo))
     validate({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cnlab-lab", "labels": {"cnlab": "course"}}})
 
 
