@@ -113,11 +113,12 @@ def test_an_engine_that_does_not_answer_is_a_lab_timeout(silent_engine):
 
 @pytest.fixture
 def private_engine():
-    """A dockerd of the test's own (no bridge, no iptables), under the course's state folder."""
+    """A dockerd of the test's own (no bridge, no iptables), under the course's state folder, in
+    network and mount namespaces of its own: on the host's, its start would delete docker0."""
     where = resources.state_dir("docker-test")
     url = f"unix://{where}/docker.sock"
     engine = subprocess.Popen(
-        ["dockerd", "--host", url, "--data-root", f"{where}/data", "--exec-root", f"{where}/exec",
+        ["unshare", "--net", "--mount", "--propagation", "private", "dockerd", "--host", url, "--data-root", f"{where}/data", "--exec-root", f"{where}/exec",
          "--pidfile", f"{where}/docker.pid", "--bridge", "none", "--iptables=false", "--ip-masq=false"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
