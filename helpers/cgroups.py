@@ -485,6 +485,16 @@ def _kill_trees(paths, timeout):
     _until(empty, timeout, f"the processes in {paths[0].name} to die" if paths else "nothing")
 
 
+def remove_dirs(paths, timeout=_BUSY_TIMEOUT):
+    """Kill every process in these cgroup directories, then remove them, sub-groups first,
+    retrying while the kernel says EBUSY (already gone counts as removed). For groups made
+    outside ``Cgroup``, such as the sandbox's devices group, and for ``sweep()``."""
+    paths = [Path(p) for p in paths]
+    _kill_trees(paths, timeout)
+    for path in paths:
+        _remove_tree(path, timeout)
+
+
 def _remove_tree(path, timeout):
     deadline = time.monotonic() + timeout
     for sub in _tree(path):
@@ -537,6 +547,4 @@ def sweep(prefix=resources.PREFIX):
             mine = [d for d in dirs if d.startswith(prefix)]
             ours += [Path(top) / d for d in mine]
             dirs[:] = [d for d in dirs if d not in mine]     # their insides go with them
-    _kill_trees(ours, _BUSY_TIMEOUT)
-    for path in ours:
-        _remove_tree(path, _BUSY_TIMEOUT)
+    remove_dirs(ours)

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import fcntl
 import functools
 import mmap
@@ -862,7 +861,7 @@ class Sandbox:
             _remove_group(self.cgroup)
             self.cgroup = None
         if self._devices is not None:
-            _remove_devices_group(self._devices)
+            cgroups.remove_dirs([self._devices])
             self._devices = None
         if self.overlay is not None:
             self.overlay.remove()
@@ -932,24 +931,6 @@ def _remove_group(group):
         except OSError:
             group.remove()
             return
-
-
-def _remove_devices_group(path, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise LabError(f"cannot remove cgroup {path}: {e.strerror}",
-                               fix="run helpers.cleanup()") from e
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            time.sleep(0.01)
 
 
 def run(command, *, timeout=None, **options):
