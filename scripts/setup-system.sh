@@ -4,7 +4,8 @@
 # Not root: says what is missing and which labs that disables, and exits 0 so the rest goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE=${CNLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cnlab}   # as helpers/resources.py
+home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}   # HOME may be unset under CI or sudo -i
+CACHE=${CNLAB_CACHE:-${XDG_CACHE_HOME:-$home/.cache}/cnlab}   # as helpers/resources.py
 
 PACKAGES=(docker.io busybox-static binutils qemu-system-x86 etcd-server etcd-client cpio graphviz iproute2
           containernetworking-plugins kmod)
