@@ -16,7 +16,6 @@ says that nothing answers on the socket; a deadline is a LabTimeout.
 """
 import contextlib
 import json
-import os
 import re
 import shutil
 import uuid
@@ -293,8 +292,8 @@ class Pod:
         self.name = _named(name, "pod")
         self.namespace = _named(namespace, "namespace")
         self.uid = uuid.uuid4().hex[:12]
-        self.logs_dir = LOGS / f"{self.namespace}_{self.name}_{self.uid}"
-        self.cgroup = resources.name("pod", self.name, self.uid)
+        self.logs_dir = _logs_dir(self.namespace, self.name, self.uid)
+        self.cgroup = _cgroup(self.name, self.uid)
         pb = client._pb
         pid = pb.NamespaceMode.POD if share_processes else pb.NamespaceMode.CONTAINER
         self.namespaces = pb.NamespaceOption(network=pb.NamespaceMode.POD, ipc=pb.NamespaceMode.POD,
@@ -399,10 +398,7 @@ class Pod:
                 attempt(self.client.remove_pod, self.id)     # also stops it, forcibly
         finally:
             self.containers, self.id = {}, None
-            shutil.rmtree(self.logs_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                LOGS.rmdir()                  # the last pod's logs take the folder with them
-            remove_cgroup(self.cgroup)
+            forget(self.namespace, self.name, self.uid)
         if failed:
             raise failed[0]
 
@@ -413,14 +409,29 @@ class Pod:
         self.remove()
 
 
+def _logs_dir(namespace, name, uid):
+    return LOGS / f"{namespace}_{name}_{uid}"
+
+
+def _cgroup(name, uid):
+    return resources.name("pod", name, uid)
+
+
+def forget(namespace, name, uid):
+    """Remove what a pod keeps beside the runtime once it is gone, as the kubelet does: its log
+    folder and its cgroup parent. For ``Pod.remove`` and for controllers that remove pods they
+    did not start in this process."""
+    shutil.rmtree(_logs_dir(namespace, name, uid), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        LOGS.rmdir()                  # the last pod's logs take the folder with them
+    remove_cgroup(_cgroup(name, uid))
+
+
 def remove_cgroup(name):
     """Remove a pod's cgroup parent from every hierarchy (runc creates it in each one, v1 and
     v2); what is left inside (a container runc did not delete) goes first."""
     root = Path("/sys/fs/cgroup")
-    for top in [root / name, *root.glob(f"*/{name}")]:
-        for folder, _, _ in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(folder)
+    cgroups.remove_dirs(p for p in [root / name, *root.glob(f"*/{name}")] if p.is_dir())
 
 
 def sweep():

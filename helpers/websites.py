@@ -20,13 +20,12 @@ import contextlib
 import hashlib
 import json
 import secrets
-import shutil
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from . import cri, resources
+from . import cri
 from .errors import LabTimeout
 
 GROUP, VERSION, KIND, PLURAL = "cnlab.example", "v1", "Website", "websites"
@@ -144,10 +143,7 @@ def remove_pod(runtime, pod):
     with contextlib.suppress(cri.NotFound):
         runtime.stop_pod(pod.id)
         runtime.remove_pod(pod.id)
-    shutil.rmtree(cri.LOGS / f"{pod.namespace}_{pod.name}_{pod.uid}", ignore_errors=True)
-    with contextlib.suppress(OSError):
-        cri.LOGS.rmdir()                  # the last pod's logs take the folder with them
-    cri.remove_cgroup(resources.name("pod", pod.name, pod.uid))
+    cri.forget(pod.namespace, pod.name, pod.uid)
 
 
 def _template(spec):
