@@ -42,8 +42,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs " + ", ".join(needs) + ": " + "; ".join(why)))
 
 
+SWEEP = os.environ.get("CNLAB_SWEEP_LEAKS", "1") != "0"
+
+
 def _sweep():
-    if os.environ.get("CNLAB_SWEEP_LEAKS", "1") != "0":
+    if SWEEP:
         helpers.cleanup()
 
 
@@ -64,9 +67,9 @@ def _no_leaks(request):
 def pytest_sessionstart(session):
     """What an earlier, crashed run left is swept first, so that this run starts clean."""
     found = helpers.leftovers()
-    if found and os.environ.get("CNLAB_SWEEP_LEAKS", "1") != "0":
+    if found and SWEEP:
         print("\nswept before the run (left by an earlier one): " + "; ".join(found))
-        helpers.cleanup()
+        _sweep()
         found = helpers.leftovers()
     session.config._cnlab_before = set(found)
 
