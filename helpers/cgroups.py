@@ -514,6 +514,43 @@ def _remove_tree(path, timeout):
                 delay = min(delay * 2, 0.2)
 
 
+def of_process(pid):
+    """{controller: folder} of any process (a Docker container's, say), read from
+    /proc/<pid>/cgroup ("v2" for the cgroup2 hierarchy), where this machine mounts each one."""
+    layout = detect()
+    folders = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else ["v2"]:
+            base = layout.v2 if controller == "v2" else layout.v1.get(controller)
+            if base is not None:
+                folders[controller] = base / path.lstrip("/")
+    return folders
+
+
+def limits_in(folders):
+    """The memory, CPU and pids limits in a process's cgroup folders (from ``of_process``):
+    v1 files where the controller is on a v1 hierarchy, else v2 files. None: no limit."""
+    def words(controller, v1_file, v2_file):
+        folder, name = (folders[controller], v1_file) if controller in folders \
+            else (folders.get("v2"), v2_file)
+        try:
+            return folder.joinpath(name).read_text().split()
+        except (AttributeError, FileNotFoundError):       # no such hierarchy, or no controller
+            return None
+
+    memory = words("memory", "memory.limit_in_bytes", "memory.max")
+    quota = words("cpu", "cpu.cfs_quota_us", "cpu.max")              # v2: "<quota> <period>"
+    if quota and len(quota) == 1:
+        quota += words("cpu", "cpu.cfs_period_us", "cpu.max")
+    pids = words("pids", "pids.max", "pids.max")
+    unlimited = ("max", "-1")
+    return {"memory": None if not memory or memory[0] in unlimited or int(memory[0]) >= 2**62
+            else int(memory[0]),       # v1 says "no limit" with a huge number
+            "cpus": None if not quota or quota[0] in unlimited else int(quota[0]) / int(quota[1]),
+            "pids": None if not pids or pids[0] in unlimited else int(pids[0])}
+
+
 def sample(groups, seconds, every=0.1):
     """Read the stats of each group every ``every`` seconds for ``seconds`` seconds: a list of
     (seconds since the start, [Stats of each group]), for plotting usage over time."""

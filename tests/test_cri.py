@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from helpers import containerd, cri, images
+from helpers import cgroups, containerd, cri
 from helpers.errors import BadInput, LabTimeout
 
 SERVER = ["sh", "-c", "mkdir -p /www && echo hello from the server > /www/index.html "
@@ -145,9 +145,9 @@ def test_a_pod_of_two_containers_sharing_localhost(daemon, client):
 def test_limits_asked_through_the_cri_are_in_the_container_s_cgroup(client):
     with cri.Pod(client, "limits") as pod:
         pod.add("box", containerd.BUSYBOX, ["sleep", "60"], memory="32M", cpus=0.25)
-        folders = images.process_cgroups(pod.status("box")["pid"])
+        folders = cgroups.of_process(pod.status("box")["pid"])
         assert all(pod.cgroup in str(folder) for folder in folders.values())
-        limits = images.cgroup_limits(folders)
+        limits = cgroups.limits_in(folders)
         assert (limits["memory"], limits["cpus"]) == (32 << 20, 0.25)
 
 
