@@ -29,7 +29,7 @@ MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 
-_SYS_PIVOT_ROOT = 155  # x86_64
+SYS_PIVOT_ROOT = 155  # x86_64
 
 
 def _check(result, what, target):
@@ -62,5 +62,13 @@ def umount(target, flags=0):
 
 
 def pivot_root(new_root, put_old):
-    _check(_libc.syscall(_SYS_PIVOT_ROOT, os.fsencode(new_root), os.fsencode(put_old)),
+    _check(_libc.syscall(SYS_PIVOT_ROOT, os.fsencode(new_root), os.fsencode(put_old)),
            "pivot_root", str(new_root))
+
+
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def prctl(option, arg=0):
+    """prctl(2) with one argument: the cap-bounding-set drop and no_new_privs need it."""
+    _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl({option})", arg)

@@ -82,8 +82,6 @@ _NAMESPACES = ns.flags(["mnt", "uts", "ipc", "pid"])
 _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 24, 38
 _SIOCSIFFLAGS, _IFF_UP, _IFF_LOOPBACK = 0x8914, 0x1, 0x8
 _PROC_FLAGS = _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
 class CommandNotFound(BadInput):
@@ -92,13 +90,6 @@ class CommandNotFound(BadInput):
 
 class StartError(LabError):
     """The container could not be set up; what was made for it has been removed."""
-
-
-def prctl(option, arg=0):
-    """prctl(2), raising OSError. (The cap-bounding-set and no_new_privs calls need it.)"""
-    if _prctl(option, arg, 0, 0, 0) == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
 def setcap(path, caps):
@@ -530,7 +521,6 @@ _C.mkdir.argtypes = [ctypes.c_char_p, ctypes.c_uint]
 _C.chdir.argtypes = [ctypes.c_char_p]
 _C.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _C.syscall.restype = ctypes.c_long
-_SYS_PIVOT_ROOT = 155              # x86_64
 
 
 @dataclass(frozen=True)
@@ -635,7 +625,7 @@ def _plan(spec, options, merged, scratch=None):
     network = [Step("ip link set lo up", lambda: _loopback_up() or 0, ())] if spec.network == "none" else []
     pivot_root = [Step(f"cd {m}", _C.chdir, (_b(m),)),
                   # the new root on top of the old one, then the old one detached: out of reach
-                  Step("pivot_root . .", _C.syscall, (_SYS_PIVOT_ROOT, b".", b".")),
+                  Step("pivot_root . .", _C.syscall, (_libc.SYS_PIVOT_ROOT, b".", b".")),
                   Step("umount -l .", _C.umount2, (b".", _libc.MNT_DETACH)),
                   Step(f"cd {spec.workdir}", _C.chdir, (_b(spec.workdir),))]
     return Plan(*map(tuple, (rootfs, kernel_fs, masks, readonly, hostname, network, pivot_root)))
@@ -678,9 +668,9 @@ def _enter(spec, link):
     """The last steps before exec, for PID 1 and for each exec: capabilities, no_new_privs, the
     cgroup (the parent puts us in) and a cgroup namespace, the user."""
     for cap in spec.drop:
-        prctl(_PR_CAPBSET_DROP, cap)
+        _libc.prctl(_PR_CAPBSET_DROP, cap)
     if spec.no_new_privs:
-        prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
     link.wait_for(b"g")                     # the parent has put us in the cgroup
     _libc.unshare(_libc.CLONE_NEWCGROUP)    # its cgroup looks like / from inside
     if spec.user is not None:
