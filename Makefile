@@ -16,7 +16,7 @@ system:
 
 # The real Kubernetes API server code, built once from Debian's Go sources (minutes; cached).
 apiserver: $(STAMP)
-	@$(PY) -m helpers.apiserver build
+	@$(PY) -m helpers apiserver build
 
 $(STAMP): requirements.txt pyproject.toml
 	@echo "setup: Python packages into $(VENV)"

@@ -1,17 +1,20 @@
 """Command line: ``python -m helpers doctor [--json]``, ``python -m helpers labs [--check|--execute]``,
-``python -m helpers sandbox run [docker-run-like options] -- command``."""
+``python -m helpers sandbox run [docker-run-like options] -- command``, ``python -m helpers apiserver build``."""
 import argparse
 import json
 import sys
 
-from . import doctor, labs
+from helpers.notebook import doctor, labs
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sandbox"]:  # docker-run-like options: the sandbox's own parser
-        from . import sandbox
+        from helpers.containers import sandbox
         return sandbox.main(argv[1:])
+    if argv[:1] == ["apiserver"]:  # build | status: the API server build's own parser
+        from helpers.orchestration import apiserver
+        return apiserver.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m helpers")
     sub = parser.add_subparsers(dest="command", required=True)
     doc = sub.add_parser("doctor", help="what this machine can do, and which labs can run here")
@@ -21,6 +24,7 @@ def main(argv=None):
     lab.add_argument("--execute", action="store_true", help="re-execute every lab this machine can run")
     lab.add_argument("names", nargs="*", help="only these labs (file stems)")
     sub.add_parser("sandbox", help="a container from scratch: sandbox run [options] -- command")
+    sub.add_parser("apiserver", help="build the Kubernetes API server from Debian's Go sources")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":

@@ -1,7 +1,7 @@
 """helpers.apiserver: the real Kubernetes API machinery (apiextensions-apiserver) on a real etcd.
 
 The pure parts (package resolution, cache keys, certificates, the "not built" path) need
-nothing. The rest needs etcd and the binary that ``python -m helpers.apiserver build`` makes;
+nothing. The rest needs etcd and the binary that ``python -m helpers apiserver build`` makes;
 without it they are skipped with the build's own reason. helpers.cluster's generic functions
 are tested here too, against this real server.
 """

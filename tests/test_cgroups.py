@@ -15,7 +15,7 @@ import pytest
 
 import helpers
 from helpers import cgroups, ns
-from helpers.cgroups import Cgroup, Layout
+from helpers.containers.cgroups import Cgroup, Layout
 from helpers.errors import BadInput, LabError, LabTimeout, NotSupported
 
 DATA = Path(__file__).parent / "data" / "cgroupfs-v2"

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from helpers import controller, etcd, images
-from helpers.controller import OWNER, Replica, diff
+from helpers.orchestration.controller import OWNER, Replica, diff
 from helpers.errors import BadInput, LabTimeout
-from helpers.resources import LABEL
+from helpers._core.names import LABEL
 
 BUSYBOX = "cnlab/busybox:latest"
 

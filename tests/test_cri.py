@@ -201,7 +201,7 @@ def test_sweep_after_a_crash_leaves_nothing(daemon, client):
     assert any(_leftovers(daemon).values())
     shims = [a for a in helpers.leftovers() if "containerd-shim" in a]
     assert shims
-    cri.sweep()
+    containerd.sweep_pods()
     assert client.pods() == [] and daemon.ctr("tasks", "ls", "-q").split() == []
     containerd.sweep()
     containerd.sweep()                                                    # twice is fine

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+import helpers
 from helpers import etcd, resources
 from helpers.errors import BadInput, MissingTool
 
@@ -212,8 +213,8 @@ def test_keep_and_sweep():
     assert server.dir.exists() and not server.running
     server.start()  # a stray server, as after a crashed notebook
     assert server.client().get("/k").value == b"v"
-    assert any(server.name in item for item in resources.leftovers())
+    assert any(server.name in item for item in helpers.leftovers())
     etcd.sweep()
     server._process.wait(10)
     assert not server.running and not server.dir.exists()
-    assert not any(server.name in item for item in resources.leftovers())
+    assert not any(server.name in item for item in helpers.leftovers())

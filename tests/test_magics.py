@@ -12,7 +12,7 @@ root = pytest.mark.requires("root")
 def shell():
     from IPython.core.interactiveshell import InteractiveShell
     ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "helpers.magics")
+    ip.run_line_magic("load_ext", "helpers.notebook.magics")
     return ip
 
 

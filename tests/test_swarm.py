@@ -5,7 +5,7 @@ import pytest
 
 from helpers import images, swarm
 from helpers.errors import BadInput
-from helpers.resources import LABEL
+from helpers._core.names import LABEL
 
 pytestmark = pytest.mark.requires("swarm")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from helpers import LabTimeout, NotSupported, initramfs, resources, vm
 from helpers.errors import BadInput
 
@@ -155,7 +156,7 @@ def test_qemu_is_named_and_keeps_its_files_where_sweep_looks(guest):
     assert args[args.index(b"-name") + 1].decode() == guest.name
     assert guest.name.startswith("cnlab-vm-")
     assert guest.dir.parent == resources.STATE / "vm"
-    assert any(guest.name in item for item in resources.leftovers())
+    assert any(guest.name in item for item in helpers.leftovers())
 
 
 @pytest.mark.requires("qemu")

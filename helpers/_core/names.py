@@ -1,0 +1,52 @@
+"""Where the course keeps its things, and how it names them.
+
+Every resource the helpers create carries the prefix ``cnlab`` (cgroups, mount points under
+``STATE``, network namespaces, containers and their labels, data directories), so that
+``helpers.cleanup()`` can find what a crash left, and ``helpers.leftovers()`` can prove that
+nothing was.
+"""
+import os
+import socket
+from pathlib import Path
+
+from helpers.errors import BadInput
+
+PREFIX = "cnlab"
+LABEL = PREFIX  # Docker/containerd label key: {"cnlab": "<owner>"}
+ROOT = Path(__file__).resolve().parents[2]          # the course checkout
+LABS = ROOT / "labs"
+# Survives runs and checkouts: the kernel, the rootfs, built binaries. Shared by every clone.
+CACHE = Path(os.environ.get("CNLAB_CACHE")
+             or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / PREFIX)
+STATE = Path(os.environ.get("CNLAB_STATE", f"/run/{PREFIX}"))     # per-run: mounts, sockets, data
+
+
+def name(*parts) -> str:
+    """A resource name that ``cleanup()`` will recognise: ``cnlab-<parts>``."""
+    return "-".join((PREFIX, *map(str, parts)))
+
+
+def prefixed(given: str) -> str:
+    """``given`` as the course names it: unchanged when it already starts with ``cnlab``."""
+    return given if given.startswith(PREFIX) else name(given)
+
+
+def state_dir(*parts) -> Path:
+    path = STATE.joinpath(*map(str, parts))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (servers stay on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(value: str, pattern, what: str, *, fix: str) -> str:
+    """``value`` if it matches ``pattern`` (a compiled regex) whole, else ``BadInput``: one rule
+    for every name a student passes in (cgroups, netns, containers, clusters)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise BadInput(f"{what} {value!r} is not valid", fix=fix)
+    return value

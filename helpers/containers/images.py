@@ -1,0 +1,384 @@
+"""The course's Docker images, built offline, and containers run from them with limits.
+
+No registry is reachable from the labs: every image is built here, the base one being a
+busybox binary ``FROM scratch`` (the smallest honest image there is)::
+
+    ref = images.build("cnlab/web:1", dockerfile, {"index.html": "hello"})
+    images.layers(ref)                       # each build step, and the layer it made (or none)
+    with images.run(ref, memory="64m", cpus=0.5, pids=20) as box:
+        images.host_view(box)                # from the host: its namespaces and cgroup limits
+
+Errors are typed: EngineUnavailable (say how to start dockerd), ImageMissing (say how to
+build it), BadInput for a malformed limit (before Docker is called), LabTimeout.
+"""
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers._core import owners
+from helpers.containers import cgroups, ns
+from helpers import errors
+from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
+from helpers._core.names import LABEL, PREFIX
+
+BUSYBOX = f"{PREFIX}/busybox"
+OWNER = {LABEL: "images"}             # on what this module builds and runs
+MIN_MEMORY = 6 * 2**20                # Docker refuses a memory limit below 6 MiB
+
+BUSYBOX_DOCKERFILE = b"""FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+LABEL %s=course
+CMD ["/bin/sh"]
+""" % LABEL.encode()
+_REF = re.compile(rf"{PREFIX}/[a-z0-9]+(?:[._-][a-z0-9]+)*:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
+_MEMORY = re.compile(r"(\d+)([bkmg]?)", re.IGNORECASE)
+
+
+class EngineUnavailable(errors.Unavailable):
+    def __init__(self, where=None):
+        super().__init__(f"no Docker engine answers{f' at {where}' if where else ''}",
+                         fix="start it with `sudo dockerd &` (or run `make test` as root, which does)")
+
+
+class EngineTimeout(EngineUnavailable, LabTimeout):
+    """Something listens on the engine's socket but does not answer in time. Both an
+    EngineUnavailable (callers that only check for an engine keep working) and a LabTimeout."""
+
+    def __init__(self, where, timeout):
+        LabError.__init__(self, f"the Docker engine{f' at {where}' if where else ''} did not answer "
+                                f"within {timeout} s",
+                          fix="is dockerd stuck? read its log, or pass a larger timeout=")
+
+
+class ImageMissing(errors.NotFound):
+    """The image is not on this engine, and no registry is reachable to pull it from."""
+
+    def __init__(self, ref):
+        how = ("images.busybox()" if ref.startswith(BUSYBOX) else
+               f"images.build({ref.split('@')[0]!r}, dockerfile, files)")
+        super().__init__(f"image {ref} is not on this Docker engine (nothing can be pulled here)",
+                         fix=f"build it first: {how}")
+        self.ref = ref
+
+
+def _timed_out(error):
+    """True if a timeout is anywhere in the error's chain: docker-py's unix socket adapter
+    reports a read timeout as a ConnectionError wrapping urllib3's ReadTimeoutError."""
+    import requests
+    import urllib3
+    timeouts = (TimeoutError, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, timeouts):
+            return True
+        inner = error.args[0] if error.args and isinstance(error.args[0], BaseException) else None
+        error = inner or error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _errors(what, ref=None, timeout=None):
+    """Turn docker-py's and requests' exceptions into the course's."""
+    import docker
+    import requests
+    try:
+        yield
+    except docker.errors.ImageNotFound as e:
+        raise ImageMissing(ref or str(e)) from e
+    except docker.errors.BuildError as e:
+        raise LabError(f"{what} failed: {e.msg}", fix="read the build log above the error") from e
+    except docker.errors.APIError as e:        # before RequestException: it is an HTTPError too
+        raise LabError(f"{what}: {e.explanation}") from e
+    except requests.exceptions.RequestException as e:
+        if _timed_out(e):
+            raise LabTimeout(f"{what}: the Docker engine did not answer within {timeout} s",
+                             fix="pass a larger timeout=, or see whether dockerd is overloaded") from e
+        raise EngineUnavailable() from e
+
+
+def client(timeout=60, base_url=None):
+    """A docker-py client (``base_url``, else DOCKER_HOST, else the default socket). Nothing
+    listening there: EngineUnavailable; something listening that does not answer within
+    ``timeout`` seconds: EngineTimeout (an EngineUnavailable that is also a LabTimeout)."""
+    import docker
+    import requests
+    where = base_url or os.environ.get("DOCKER_HOST")
+    try:
+        c = (docker.DockerClient(base_url=base_url, timeout=timeout) if base_url
+             else docker.from_env(timeout=timeout))
+        c.ping()
+        return c
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+        if _timed_out(e):
+            raise EngineTimeout(where, timeout) from e
+        raise EngineUnavailable(where) from e
+
+
+def _context(dockerfile, files):
+    """A build context: the Dockerfile and ``files`` ({name: str | bytes | Path}) as a tar."""
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, content in {"Dockerfile": dockerfile, **files}.items():
+            if isinstance(content, Path):
+                tar.add(content, arcname=name)
+                continue
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755 if data.startswith(b"#!") else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    return context
+
+
+def busybox(tag="latest"):
+    """Build (once) and return the name of the course's busybox image."""
+    ref = f"{BUSYBOX}:{tag}"
+    path = shutil.which("busybox")
+    if path is None:
+        raise MissingTool("busybox", package="busybox-static")
+    with contextlib.closing(client()) as c:
+        with contextlib.suppress(ImageMissing), _errors(f"looking up {ref}", ref=ref):
+            c.images.get(ref)
+            return ref
+        with _errors(f"building {ref}", timeout=60):
+            c.images.build(fileobj=_context(BUSYBOX_DOCKERFILE, {"busybox": Path(path)}),
+                           custom_context=True, tag=ref, rm=True, forcerm=True)
+    return ref
+
+
+def _ref(ref):
+    if not isinstance(ref, str) or not _REF.fullmatch(ref):
+        raise BadInput(f"{ref!r} is not a course image name",
+                       fix=f"use '{PREFIX}/<name>:<tag>', e.g. '{PREFIX}/web:1'")
+    return ref
+
+
+def build(ref, dockerfile, files=None, *, timeout=120):
+    """Build an image from a Dockerfile (text) and ``files`` ({name: text | bytes | Path}),
+    offline: its FROM must be an image this engine already has (ImageMissing otherwise)."""
+    _ref(ref)
+    base = re.search(r"^\s*FROM\s+(\S+)", dockerfile, re.MULTILINE | re.IGNORECASE)
+    if base is None:
+        raise BadInput("the Dockerfile has no FROM line", fix="start it with FROM scratch or FROM "
+                                                              "an image built here, e.g. images.busybox()")
+    with contextlib.closing(client(timeout)) as c:
+        if base[1] != "scratch":
+            with _errors(f"looking up {base[1]}", ref=base[1], timeout=timeout):
+                c.images.get(base[1])
+        with _errors(f"building {ref}", timeout=timeout):
+            c.images.build(fileobj=_context(dockerfile, files or {}), custom_context=True, tag=ref,
+                           labels=OWNER, rm=True, forcerm=True, pull=False)
+    return ref
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One step of an image's history: the instruction, and the layer it made (``diff_id``, the
+    sha256 of the layer's tar) or None if it only changed the config (CMD, LABEL, ENV...)."""
+    created_by: str
+    diff_id: str | None
+    size: int
+
+
+def layers(ref):
+    """The image's history, oldest first, each step with the layer it added (if any).
+    The history API does not say which steps made a layer; the image's config does, so the
+    config is read from ``docker save`` (the same JSON an OCI image config holds)."""
+    with contextlib.closing(client()) as c, _errors(f"reading {ref}", ref=ref):
+        image = c.images.get(ref)
+        archive = b"".join(image.save(named=False))
+        sizes = [h["Size"] for h in reversed(image.history())]
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))[0]
+        config = json.load(tar.extractfile(manifest["Config"]))
+    diff_ids = iter(config["rootfs"]["diff_ids"])
+    return [Layer(h.get("created_by", ""), None if h.get("empty_layer") else next(diff_ids), size)
+            for h, size in zip(config["history"], sizes)]
+
+
+def remove_image(ref):
+    """Remove an image this module built ("already gone" is fine)."""
+    import docker
+    with contextlib.closing(client()) as c, _errors(f"removing {ref}", ref=ref):
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            c.images.remove(_ref(ref), force=True)
+
+
+# --- containers -------------------------------------------------------------------------------
+
+def parse_memory(value):
+    """Docker's memory forms, checked strictly: bytes (67108864), or a whole number with b, k, m
+    or g (``64m``, ``1g``; either case; binary units). Below Docker's 6 MiB minimum is BadInput."""
+    forms = "bytes, or a whole number with b, k, m or g: '64m', '1g'"
+    match = _MEMORY.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match:
+        size = match[1] + match[2].upper().replace("B", "")     # in helpers.cgroups' form
+    elif isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        raise BadInput(f"memory={value!r} is not a size", fix=f"use {forms}")
+    try:
+        size = cgroups.parse_size(size, "memory")
+    except BadInput as e:
+        raise BadInput(f"memory={value!r} is not a size", fix=f"use {forms}") from e
+    if size < MIN_MEMORY:
+        raise BadInput(f"memory={value!r} is below Docker's minimum of 6 MiB", fix="use at least '6m'")
+    return size
+
+
+def _limits(memory, cpus, pids):
+    """Docker's keyword arguments for these limits, or BadInput before anything is created."""
+    limits = {}
+    if memory is not None:
+        limits["mem_limit"] = parse_memory(memory)
+        limits["memswap_limit"] = limits["mem_limit"]        # no swap beyond the limit
+    if cpus is not None:
+        cores = cgroups.parse_cpus(cpus)
+        if not 0.01 <= cores <= os.cpu_count():
+            raise BadInput(f"cpus={cpus!r} is out of range",
+                           fix=f"Docker accepts 0.01 to {os.cpu_count()} (this machine's CPUs)")
+        limits["nano_cpus"] = round(cores * 1e9)
+    if pids is not None:
+        if isinstance(pids, bool) or not isinstance(pids, int) or pids < 1:
+            raise BadInput(f"pids={pids!r} is not a number of processes", fix="use a whole number >= 1")
+        limits["pids_limit"] = pids
+    return limits
+
+
+class Container:
+    """A running Docker container labelled ``cnlab``; the ``with`` block removes it.
+    ``docker`` is the docker-py Container, for everything else."""
+
+    def __init__(self, container, timeout):
+        self.docker = container
+        self.timeout = timeout
+
+    @property
+    def name(self):
+        return self.docker.name
+
+    @property
+    def pid(self):
+        """The container's PID 1, as the host sees it."""
+        self.docker.reload()
+        return self.docker.attrs["State"]["Pid"]
+
+    def exec(self, command):
+        """Run a command inside; return (exit code, output)."""
+        with _errors(f"exec in {self.name}", timeout=self.timeout):
+            code, output = self.docker.exec_run(command)
+        return code, output.decode(errors="replace")
+
+    def wait(self, timeout=None):
+        """Wait for the container to end; return its exit status (137: it was SIGKILLed)."""
+        timeout = timeout or self.timeout
+        with _errors(f"waiting for {self.name}", timeout=timeout):
+            return self.docker.wait(timeout=timeout)["StatusCode"]
+
+    def logs(self):
+        with _errors(f"logs of {self.name}", timeout=self.timeout):
+            return self.docker.logs().decode(errors="replace")
+
+    def remove(self):
+        import docker
+        with _errors(f"removing {self.name}", timeout=self.timeout), \
+                contextlib.suppress(docker.errors.NotFound):
+            self.docker.remove(force=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def run(image, command=None, *, name=None, memory=None, cpus=None, pids=None, timeout=60,
+        **options):
+    """Start a container (detached) named ``cnlab-<name>`` with these limits: ``memory`` ("64m"),
+    ``cpus`` (0.5) and ``pids`` (20). Everything is checked before Docker is called; an image
+    that is not here is ImageMissing (nothing is pulled). ``options`` go to docker-py's run."""
+    limits = _limits(memory, cpus, pids)
+    name = name or uuid.uuid4().hex[:8]
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", name):
+        raise BadInput(f"{name!r} is not a container name", fix="use letters, digits, '.', '-', '_'")
+    with contextlib.closing(client(timeout)) as c:
+        with _errors(f"looking up {image}", ref=image, timeout=timeout):
+            c.images.get(image)
+        with _errors(f"starting a container of {image}", ref=image, timeout=timeout):
+            started = c.containers.run(image, command, name=f"{PREFIX}-{name}", detach=True,
+                                       labels=OWNER, **limits, **options)
+    return Container(started, timeout)
+
+
+# --- the host's view of a container -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostView:
+    """What the host's kernel says about a container's process: its namespaces next to the
+    host's (kind -> (container inode, host inode)), its cgroup folders, and the limits there."""
+    pid: int
+    namespaces: dict
+    cgroups: dict
+    memory: int | None      # bytes
+    cpus: float | None      # quota / period
+    pids: int | None
+
+    def isolated(self):
+        """The namespace kinds in which the container differs from the host."""
+        return sorted(kind for kind, (inside, host) in self.namespaces.items() if inside != host)
+
+
+def host_view(container, host="self"):
+    """Read, from /proc and /sys/fs/cgroup only, what makes ``container`` (a Container, or a
+    pid) a container. ``host`` is the process to compare with (default: this one)."""
+    pid = container.pid if isinstance(container, Container) else int(container)
+    theirs = {n.kind: n.inode for n in ns.namespaces(pid)}
+    ours = {n.kind: n.inode for n in ns.namespaces(host)}
+    folders = cgroups.of_process(pid)
+    limits = cgroups.limits_in(folders)
+    return HostView(pid, {k: (theirs[k], ours[k]) for k in theirs}, folders, **limits)
+
+
+@owners.lister
+def leftovers():
+    """Containers, networks, volumes and images labelled ``cnlab`` in the Docker engine."""
+    try:
+        c = client(timeout=5)
+    except EngineUnavailable:  # no engine: nothing of ours can be alive there
+        return []
+    with contextlib.closing(c):
+        # the low-level list: the high-level one re-reads each container, racing their removal
+        found = [f"container {x['Names'][0].lstrip('/')}"
+                 for x in c.api.containers(all=True, filters={"label": LABEL})]
+        found += [f"docker-network {n.name}" for n in c.networks.list(filters={"label": LABEL})]
+        found += [f"docker-volume {v.name}" for v in c.volumes.list(filters={"label": LABEL})]
+        return found
+
+
+@owners.sweeper(owners.RUNTIMES + 5)
+def sweep():
+    """Remove every container, network and volume labelled ``cnlab`` (images are kept: a cache)."""
+    import docker
+    try:
+        c = client(timeout=10)
+    except EngineUnavailable:
+        return
+    with contextlib.closing(c):
+        for container in c.api.containers(all=True, filters={"label": LABEL}):
+            try:
+                c.api.remove_container(container["Id"], force=True)
+            except docker.errors.NotFound:  # a swarm task's container, gone meanwhile
+                pass
+        for network in c.networks.list(filters={"label": LABEL}):
+            network.remove()
+        for volume in c.volumes.list(filters={"label": LABEL}):
+            volume.remove(force=True)

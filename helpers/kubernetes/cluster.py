@@ -1,0 +1,726 @@
+"""The Kubernetes API from Python, on any cluster a kubeconfig names: kind's, or yours.
+
+Everything goes through the API server, as with kubectl. Objects are sent with server-side
+apply: the server merges them and records which field manager owns which field. Waits are
+decided from the objects' own status. A refusal becomes a typed error that names the object
+and says why::
+
+    c = cluster.connect()                          # the current kubeconfig context
+    c.apply("43-workloads/deployment.yaml")        # a file under manifests/ (or YAML, dicts, models)
+    c.wait_rollout("Deployment", "web")
+    for event in c.watch("Pod", timeout=10):       # stops on its own
+        print(event)
+
+Nothing here needs kind. ``helpers.kind`` adds the nodes-as-containers side; on any other
+cluster, the calls that need it raise NeedsKind.
+"""
+import contextlib
+import copy
+import difflib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from helpers import errors
+from helpers.errors import BadInput, LabError, LabTimeout
+from helpers._core.names import LABEL, PREFIX, ROOT
+
+MANIFESTS = ROOT / "manifests"
+FIELD_MANAGER = PREFIX
+ECHO_API = "cnlab.example/v1"   # the small CRD of the controller lab (manifests/44-controller)
+# The apiVersion of kinds named without one (several groups serve an "Event", for instance).
+_KINDS = {**dict.fromkeys(("Pod", "Service", "ConfigMap", "Secret", "Namespace", "Node", "Event", "Endpoints",
+                           "PersistentVolumeClaim", "PersistentVolume", "ServiceAccount"), "v1"),
+          **dict.fromkeys(("Deployment", "ReplicaSet", "StatefulSet", "DaemonSet", "ControllerRevision"), "apps/v1"),
+          "Job": "batch/v1", "CronJob": "batch/v1", "EndpointSlice": "discovery.k8s.io/v1",
+          "CustomResourceDefinition": "apiextensions.k8s.io/v1", "StorageClass": "storage.k8s.io/v1",
+          "Echo": ECHO_API}
+_OWNED_KINDS = ("Namespace", "CustomResourceDefinition")  # cluster-wide things a lab makes and removes
+_PATCH_TYPES = {"merge": "application/merge-patch+json", "strategic": "application/strategic-merge-patch+json",
+                "json": "application/json-patch+json"}
+
+
+# ------------------------------------------------------------------------------ errors
+
+class ApiError(LabError):
+    """The API server refused a request: ``status`` (HTTP), ``reason`` and ``detail`` are its Status's."""
+    hint = "read the API server's message"
+
+    def __init__(self, what, status, reason, detail, *, causes=()):
+        self.what, self.status, self.reason, self.detail = what, status, reason, detail
+        self.causes = list(causes)  # (type, field, message) from the Status's details
+        super().__init__(f"{what}: {status} {reason}: {detail}", fix=self.hint)
+
+
+class Unauthorized(ApiError, errors.Refused):
+    hint = ("the cluster refused the kubeconfig's credentials: refresh them "
+            "(for kind: `kind export kubeconfig --name <cluster>`)")
+
+
+class Forbidden(ApiError, errors.Refused):
+    hint = "the kubeconfig's user may not do this (RBAC): use a context with more rights, or get a Role granting it"
+
+
+class NotFound(ApiError, errors.NotFound):
+    hint = "check the name and the namespace, and that it was created (c.get(kind) lists them)"
+
+
+class Conflict(ApiError, errors.Refused):
+    """409. After server-side apply, ``conflicts`` lists (field manager, field) that another manager owns."""
+
+    @property
+    def conflicts(self):
+        return [(re.search(r'conflict with "([^"]*)"', m).group(1), f) for t, f, m in self.causes
+                if t == "FieldManagerConflict" and 'conflict with "' in m]
+
+    @property
+    def hint(self):
+        if self.conflicts:
+            return (f"another field manager owns {', '.join(f'{f} ({m})' for m, f in self.conflicts)}: leave "
+                    "those fields out of your manifest, or apply with force=True to take them over")
+        return "the object changed since it was read: read it again, then retry"
+
+
+class AlreadyExists(Conflict):
+    hint = "it exists already: apply it (server-side apply updates it), or delete it first"
+
+
+class Invalid(ApiError):
+    """422: ``causes`` holds each invalid field and why."""
+    hint = "fix the fields named above in the manifest"
+
+
+class ServerError(ApiError):
+    hint = "the API server failed: retry; if it goes on, read its logs (the kube-apiserver Pod in kube-system)"
+
+
+class UnknownKind(LabError):
+    def __init__(self, kind, api_version, context):
+        super().__init__(f"the cluster {context} serves no kind {kind!r}" + (f" in {api_version}" if api_version else ""),
+                         fix="check apiVersion and kind; a custom kind needs its CustomResourceDefinition applied first")
+
+
+class NoCluster(errors.Unavailable):
+    """No kubeconfig, no such context, or its API server does not answer."""
+
+
+class NeedsKind(LabError):
+    def __init__(self, what, context):
+        super().__init__(f"{what} needs a kind cluster (nodes that are containers on this machine); "
+                         f"{context} is another kind of cluster",
+                         fix="run this lab on its kind cluster: unset CNLAB_CONTEXT, and install kind")
+
+
+class RolloutFailed(LabError):
+    """A rollout that the cluster itself gave up on (a Deployment's progress deadline passed)."""
+
+
+_BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 422: Invalid}
+
+
+def what(kind, name=None, namespace=None):
+    """How errors name an object: ``Deployment cnlab-lab/web``, ``Node n1``, ``Pods in cnlab-lab``."""
+    if name:
+        return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+    return f"{kind}s in {namespace}" if namespace else f"{kind}s"
+
+
+def api_error(exc, kind, name=None, namespace=None):
+    """The typed error for an ApiException, from the Status object the API server sent back."""
+    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body or ""
+    try:
+        status = json.loads(body) if body else {}
+    except ValueError:
+        status = {}
+    status = status if isinstance(status, dict) and status.get("kind") == "Status" else {}
+    reason = status.get("reason") or exc.reason or ""
+    detail = status.get("message") or body.strip()[:300] or exc.reason or "no message"
+    causes = [(c.get("reason") or c.get("type", ""), c.get("field", ""), c.get("message", ""))
+              for c in (status.get("details") or {}).get("causes") or []]
+    code = exc.status or 0
+    cls = AlreadyExists if code == 409 and reason == "AlreadyExists" else \
+        _BY_STATUS.get(code) or (ServerError if code >= 500 else ApiError)
+    return cls(what(kind, name, namespace), code, reason, detail, causes=causes)
+
+
+# ------------------------------------------------------------------------------ objects
+
+_serializer = None
+
+
+def plain(obj):
+    """An API object as the plain dict of its JSON (camelCase), from a model, a dynamic object or a dict."""
+    global _serializer
+    if obj is None or isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "openapi_types"):  # kubernetes.client models: V1Deployment, V1Pod, ...
+        if _serializer is None:
+            from kubernetes.client import ApiClient
+            _serializer = ApiClient()
+        return _serializer.sanitize_for_serialization(obj)
+    if hasattr(obj, "to_dict"):  # the dynamic client's ResourceInstance
+        return obj.to_dict()
+    raise BadInput(f"not a Kubernetes object: {obj!r}")
+
+
+def load(source):
+    """Objects as plain dicts from a manifest file (relative to manifests/), YAML text, dicts or models."""
+    if isinstance(source, (list, tuple)):
+        return [obj for item in source for obj in load(item)]
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
+                                    and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        path = path if path.is_absolute() or path.exists() else MANIFESTS / path
+        if not path.is_file():
+            raise BadInput(f"no manifest {source}", fix=f"the labs' manifests live under {MANIFESTS}")
+        docs = list(yaml.safe_load_all(path.read_text()))
+    elif isinstance(source, str):
+        docs = list(yaml.safe_load_all(source))
+    else:
+        docs = [plain(source)]
+    objs = [copy.deepcopy(d) for d in docs if d]
+    for obj in objs:
+        if not (isinstance(obj, dict) and obj.get("apiVersion") and obj.get("kind")
+                and (obj.get("metadata") or {}).get("name")):
+            raise BadInput(f"not a Kubernetes object (apiVersion, kind and metadata.name are needed): {obj!r:.120}")
+    return objs
+
+
+def condition(obj, type_):
+    """The status ("True", "False", "Unknown") of condition ``type_`` in .status.conditions, or None."""
+    obj = plain(obj) or {}
+    return next((c.get("status") for c in (obj.get("status") or {}).get("conditions") or []
+                 if c.get("type") == type_), None)
+
+
+_PRESENT = object()
+
+
+def until(path, value=_PRESENT):
+    """A ``pending`` test for ``Cluster.wait``: field ``path`` (``status.readyReplicas``) is set, or is ``value``."""
+    def pending(obj):
+        got = obj
+        for key in path.split("."):
+            got = got.get(key) if isinstance(got, dict) else None
+        if got is not None if value is _PRESENT else got == value:
+            return None
+        return f"{path} is {got!r}" + ("" if value is _PRESENT else f", not {value!r}")
+    return pending
+
+
+def controller_of(obj):
+    """``kind/name`` of the object that controls this one (a Pod's ReplicaSet, a mirror Pod's Node), or None."""
+    refs = (plain(obj)["metadata"].get("ownerReferences") or [])
+    ref = next((r for r in refs if r.get("controller")), None)
+    return f"{ref['kind']}/{ref['name']}" if ref else None
+
+
+def rollout_pending(obj, kind=None):
+    """What a Deployment, StatefulSet or DaemonSet rollout still waits for; None once it is complete.
+
+    Decided as ``kubectl rollout status`` does; a Deployment past its progress deadline raises
+    RolloutFailed (the controller gave up: waiting longer will not help).
+    """
+    obj = plain(obj)
+    kind, meta = kind or obj.get("kind"), obj["metadata"]
+    spec, st = obj.get("spec") or {}, obj.get("status") or {}
+    if (st.get("observedGeneration") or 0) < (meta.get("generation") or 0):
+        return "the controller has not seen the latest spec yet"
+    if kind == "Deployment":
+        for c in st.get("conditions") or []:
+            if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+                raise RolloutFailed(f"Deployment {meta.get('namespace')}/{meta['name']}: {c.get('message')}",
+                                    fix="look at its new Pods (c.events(...)), fix the spec, or roll back")
+        want, updated = spec.get("replicas", 1), st.get("updatedReplicas") or 0
+        if updated < want:
+            return f"{updated} of {want} new replicas updated"
+        if (st.get("replicas") or 0) > updated:
+            return f"{st['replicas'] - updated} old replicas pending termination"
+        if (st.get("availableReplicas") or 0) < updated:
+            return f"{st.get('availableReplicas') or 0} of {updated} updated replicas available"
+        return None
+    if kind == "StatefulSet":
+        want = spec.get("replicas", 1)
+        if (st.get("readyReplicas") or 0) < want:
+            return f"{st.get('readyReplicas') or 0} of {want} pods ready"
+        if (spec.get("updateStrategy") or {}).get("type", "RollingUpdate") == "RollingUpdate" \
+                and st.get("updateRevision") != st.get("currentRevision"):
+            return f"{st.get('updatedReplicas') or 0} of {want} pods at revision {st.get('updateRevision')}"
+        return None
+    if kind == "DaemonSet":
+        want = st.get("desiredNumberScheduled") or 0
+        if (st.get("updatedNumberScheduled") or 0) < want:
+            return f"{st.get('updatedNumberScheduled') or 0} of {want} updated pods scheduled"
+        if (st.get("numberAvailable") or 0) < want:
+            return f"{st.get('numberAvailable') or 0} of {want} updated pods available"
+        return None
+    raise BadInput(f"no rollout to wait for on a {kind}", fix="use wait_for(kind, name, condition) instead")
+
+
+def readiness(nodes, pods, *, expected_nodes=None):
+    """What keeps a cluster from being ready: nodes not Ready, kube-system pods not running. [] when ready."""
+    nodes, pods = [plain(n) for n in nodes], [plain(p) for p in pods]
+    found = [f"{len(nodes)} of {expected_nodes} nodes registered"] if expected_nodes and len(nodes) < expected_nodes else []
+    for node in nodes:
+        if condition(node, "Ready") != "True":
+            found.append(f"node {node['metadata']['name']} Ready={condition(node, 'Ready') or 'not reported'}")
+    if not pods:
+        found.append("no kube-system pods yet")
+    for pod in pods:
+        st, name = pod.get("status") or {}, pod["metadata"]["name"]
+        statuses = st.get("containerStatuses") or []
+        waiting = [s["state"]["waiting"].get("reason", "waiting") for s in statuses
+                   if (s.get("state") or {}).get("waiting")]
+        if st.get("phase") == "Succeeded":
+            continue
+        if st.get("phase") != "Running":
+            found.append(f"pod kube-system/{name} {st.get('phase', 'Pending')}" + (f" ({waiting[0]})" if waiting else ""))
+        elif not statuses or not all(s.get("ready") for s in statuses):
+            found.append(f"pod kube-system/{name} running, not ready" + (f" ({waiting[0]})" if waiting else ""))
+    return found
+
+
+def previous_template(deployment, replica_sets):
+    """The Pod template of a Deployment's previous revision, as ``kubectl rollout undo`` finds it."""
+    dep = plain(deployment)
+    revision = lambda o: int(((o["metadata"].get("annotations") or {}).get("deployment.kubernetes.io/revision")) or 0)
+    owned = [rs for rs in map(plain, replica_sets)
+             if any(ref.get("uid") == dep["metadata"]["uid"] for ref in rs["metadata"].get("ownerReferences") or [])]
+    older = sorted((rs for rs in owned if revision(rs) < revision(dep)), key=revision)
+    if not older:
+        raise BadInput(f"Deployment {dep['metadata']['name']} has no earlier revision to roll back to")
+    template = copy.deepcopy(older[-1]["spec"]["template"])
+    template["metadata"]["labels"].pop("pod-template-hash", None)
+    return revision(older[-1]), template
+
+
+def field_owners(obj):
+    """Who owns each field, from .metadata.managedFields: {".spec.replicas": ["cnlab (Apply)"], ...}."""
+    def paths(fields, prefix=""):
+        for key, sub in fields.items():
+            if key == ".":
+                continue
+            if key.startswith("k:"):
+                step = "[" + ",".join(f"{k}={v}" for k, v in json.loads(key[2:]).items()) + "]"
+            else:
+                step = f"[{key[2:]}]" if key[:2] in ("v:", "i:") else f".{key[2:]}"
+            children = {k: v for k, v in (sub or {}).items() if k != "."}
+            yield from paths(children, prefix + step) if children else [prefix + step]
+
+    owners = {}
+    for entry in plain(obj)["metadata"].get("managedFields") or []:
+        label = f"{entry['manager']} ({entry['operation']}" + (f", {entry['subresource']})" if entry.get("subresource") else ")")
+        for path in paths(entry.get("fieldsV1") or {}):
+            owners.setdefault(path, []).append(label)
+    return {path: sorted(who) for path, who in sorted(owners.items())}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command run in a Pod or a node gave back."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """One watch event: ADDED, MODIFIED or DELETED, and the object as it was then."""
+    type: str
+    object: dict
+
+    def __str__(self):
+        return f"{self.type:8} {self.object['kind']} {self.object['metadata']['name']}"
+
+
+# ------------------------------------------------------------------------------ the cluster
+
+class Cluster:
+    """One cluster, through one kubeconfig context; ``namespace`` is where namespaced objects go."""
+    kind = None  # the kind cluster's name, on a KindCluster
+
+    def __init__(self, context=None, *, kubeconfig=None, namespace="default"):
+        from kubernetes import config
+        try:
+            contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            self.context = context or (active or {}).get("name")
+            if self.context not in [c["name"] for c in contexts]:
+                raise NoCluster(f"no context {self.context!r} in the kubeconfig",
+                                fix=f"its contexts: {', '.join(c['name'] for c in contexts)}")
+            self.api = config.new_client_from_config(config_file=kubeconfig, context=self.context,
+                                                     persist_config=False)
+        except config.ConfigException as e:
+            raise NoCluster(f"no usable kubeconfig ({e})", fix="create a cluster with kind.create(...), "
+                            "or point KUBECONFIG at your cluster's kubeconfig") from e
+        self.kubeconfig, self.namespace = kubeconfig, namespace
+        self._dynamic, self._cache, self._resources, self._owned, self._labelled = None, None, {}, [], set()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.context} namespace={self.namespace}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.tear_down()
+
+    @contextlib.contextmanager
+    def _errors(self, kind, name=None, namespace=None):
+        import urllib3
+        from kubernetes.client.rest import ApiException
+        try:
+            yield
+        except ApiException as e:  # the dynamic client's errors are ApiExceptions too
+            raise api_error(e, kind, name, namespace) from e
+        except urllib3.exceptions.HTTPError as e:
+            raise NoCluster(f"the API server of {self.context} ({self.api.configuration.host}) does not answer",
+                            fix="is the cluster running? (for kind: `docker ps` lists its nodes)") from e
+
+    @property
+    def dynamic(self):
+        """The client's DynamicClient: any kind the server serves, custom ones included."""
+        if self._dynamic is None:
+            from kubernetes.dynamic import DynamicClient
+            self._cache = tempfile.TemporaryDirectory(prefix="kube-discovery-")  # never stale across clusters
+            with self._errors("API discovery"):
+                self._dynamic = DynamicClient(self.api, cache_file=os.path.join(self._cache.name, "cache.json"))
+        return self._dynamic
+
+    def resource(self, kind, api_version=None):
+        """The API resource serving ``kind``, from its group version's own discovery document.
+
+        Read directly (``/apis/<group>/<version>``) rather than through the list of all groups,
+        which a lone apiextensions-apiserver does not fill with its CRDs' groups; and retried
+        for a few seconds, since a just-Established CRD can take a moment to appear there.
+        """
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError, ResourceNotUniqueError
+        from kubernetes.dynamic.resource import ResourceList
+        api_version = api_version or _KINDS.get(kind) or self._custom_kind_version(kind)
+        if api_version is None:  # an unusual kind named alone: search every group
+            try:
+                with self._errors(kind):
+                    return self.dynamic.resources.get(kind=kind)
+            except ResourceNotFoundError as e:
+                raise UnknownKind(kind, None, self.context) from e
+            except ResourceNotUniqueError as e:
+                raise BadInput(f"several API groups serve a {kind}: say which with api_version=") from e
+        if (api_version, kind) not in self._resources:
+            prefix, group, version = ("apis", *api_version.split("/")) if "/" in api_version else ("api", "", api_version)
+            for attempt in range(10):
+                try:
+                    with self._errors(kind):
+                        found = self.dynamic.resources.get_resources_for_api_version(prefix, group, version, True)
+                except NotFound:
+                    found = {}
+                match = [r for r in found.get(kind, []) if not isinstance(r, ResourceList)]
+                if match:
+                    self._resources[(api_version, kind)] = match[0]
+                    break
+                time.sleep(0.5)
+            else:
+                raise UnknownKind(kind, api_version, self.context)
+        return self._resources[(api_version, kind)]
+
+    def _custom_kind_version(self, kind):
+        """The storage version of the CRD that defines ``kind``, or None. Asked before a search
+        of every group, which a lone apiextensions-apiserver (no ``/api``) cannot answer."""
+        try:
+            crds = self.resource("CustomResourceDefinition", "apiextensions.k8s.io/v1").get()
+        except ApiError:  # not allowed to list CRDs: the search may still find it
+            return None
+        for crd in crds.items:
+            if crd.spec.names.kind == kind:
+                return f"{crd.spec.group}/{next(v.name for v in crd.spec.versions if v.storage)}"
+        return None
+
+    def _ns(self, resource, namespace):
+        return (namespace or self.namespace) if resource.namespaced else None
+
+    def close(self):
+        self.api.close()
+        if self._cache:
+            self._cache.cleanup()
+        self._dynamic = self._cache = None
+        self._resources.clear()
+
+    # ---- reading and writing objects
+
+    def get(self, kind, name=None, *, namespace=None, api_version=None, label_selector=None,
+            field_selector=None, all_namespaces=False):
+        """One object (a dict), or with no name the list of them (in every namespace if asked)."""
+        res = self.resource(kind, api_version)
+        ns = None if all_namespaces else self._ns(res, namespace)
+        with self._errors(kind, name, ns):
+            got = self.dynamic.get(res, name=name, namespace=ns, label_selector=label_selector,
+                                   field_selector=field_selector).to_dict()
+        return got if name else got.get("items", [])
+
+    def find(self, kind, name, *, namespace=None, api_version=None):
+        """The object, or None if there is none."""
+        try:
+            return self.get(kind, name, namespace=namespace, api_version=api_version)
+        except NotFound:
+            return None
+
+    def apply(self, source, *, namespace=None, force=False, field_manager=FIELD_MANAGER, dry_run=False):
+        """Server-side apply every object in ``source``; return them as the server now has them.
+
+        The server merges each object into what it stores and records ``field_manager`` as the
+        owner of the fields it sets. Setting a field another manager owns is a Conflict, unless
+        ``force``. With ``dry_run`` the server computes the result and stores nothing.
+        """
+        done = []
+        for obj in load(source):
+            res = self.resource(obj["kind"], obj["apiVersion"])
+            ns = self._ns(res, obj["metadata"].get("namespace") or namespace)
+            if ns:
+                obj["metadata"]["namespace"] = ns
+            with self._errors(obj["kind"], obj["metadata"]["name"], ns):
+                out = self.dynamic.server_side_apply(res, body=obj, namespace=ns, field_manager=field_manager,
+                                                     force_conflicts=True if force else None,
+                                                     dry_run="All" if dry_run else None)
+            ref = (obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
+            if obj["kind"] in _OWNED_KINDS and not dry_run and ref not in self._owned:
+                self._owned.append(ref)
+            done.append(out.to_dict())
+        return done
+
+    def patch(self, kind, name, body, *, namespace=None, api_version=None, subresource=None, type="merge",
+              field_manager=f"{FIELD_MANAGER}-patch"):
+        """PATCH one object (or its ``scale``/``status`` subresource): a merge, strategic or JSON patch."""
+        res = self.resource(kind, api_version)
+        ns = self._ns(res, namespace)
+        target = res.subresources[subresource] if subresource else res
+        with self._errors(kind, name, ns):
+            return self.dynamic.patch(target, body=body, name=name, namespace=ns, content_type=_PATCH_TYPES[type],
+                                      field_manager=field_manager).to_dict()
+
+    def scale(self, kind, name, replicas, *, namespace=None, field_manager=f"{FIELD_MANAGER}-scale"):
+        """Set replicas through the scale subresource, as ``kubectl scale`` does."""
+        return self.patch(kind, name, {"spec": {"replicas": replicas}}, namespace=namespace, subresource="scale",
+                          field_manager=field_manager)
+
+    def set_image(self, kind, name, image, *, container=None, namespace=None):
+        """Change one container's image in a workload's Pod template, as ``kubectl set image`` does."""
+        names = [c["name"] for c in self.get(kind, name, namespace=namespace)["spec"]["template"]["spec"]["containers"]]
+        if container is None and len(names) > 1 or container not in (None, *names):
+            raise BadInput(f"{kind} {name} has containers {names}: say which one with container=")
+        body = {"spec": {"template": {"spec": {"containers": [{"name": container or names[0], "image": image}]}}}}
+        return self.patch(kind, name, body, namespace=namespace, type="strategic",
+                          field_manager=f"{FIELD_MANAGER}-set-image")
+
+    def rollback(self, name, *, namespace=None):
+        """Put a Deployment's previous Pod template back (``kubectl rollout undo``); return its revision."""
+        dep = self.get("Deployment", name, namespace=namespace)
+        revision, template = previous_template(dep, self.get("ReplicaSet", namespace=namespace))
+        self.patch("Deployment", name, [{"op": "replace", "path": "/spec/template", "value": template}],
+                   namespace=namespace, type="json", field_manager=f"{FIELD_MANAGER}-rollback")
+        return revision
+
+    def label(self, kind, name, labels, *, namespace=None):
+        """Set the labels the course puts on an object (a Node, say); ``{}`` takes them all off again.
+
+        Server-side apply with a field manager of its own: it owns just these labels, so applying
+        a smaller set removes the others it had set, and nobody else's.
+        """
+        res = self.resource(kind)
+        body = {"apiVersion": res.group_version, "kind": kind, "metadata": {"name": name, "labels": dict(labels)}}
+        self.apply(body, namespace=namespace, field_manager=f"{FIELD_MANAGER}-labels")
+        (self._labelled.add if labels else self._labelled.discard)((kind, name, namespace))
+
+    def owners(self, kind, name, *, namespace=None):
+        """Which field manager owns which field of an object (see ``field_owners``)."""
+        return field_owners(self.get(kind, name, namespace=namespace))
+
+    def diff(self, source, *, namespace=None, field_manager=FIELD_MANAGER):
+        """What applying ``source`` would change, as a unified diff: a server-side dry run, compared."""
+        lines = []
+        for obj in load(source):
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            live = self.find(kind, name, namespace=obj["metadata"].get("namespace") or namespace,
+                             api_version=obj["apiVersion"])
+            merged = self.apply(obj, namespace=namespace, field_manager=field_manager, dry_run=True)[0]
+            lines += difflib.unified_diff(_comparable(live), _comparable(merged), f"live/{kind}/{name}",
+                                          f"applied/{kind}/{name}", lineterm="")
+        return "\n".join(lines)
+
+    def delete(self, kind, name, *, namespace=None, api_version=None, wait=True, timeout=120,
+               propagation="Background"):
+        """Delete one object and (with ``wait``) return once it is gone; False if it was not there.
+
+        "Gone" is this object, by uid: a StatefulSet makes a new Pod of the same name at once.
+        """
+        res = self.resource(kind, api_version)
+        ns = self._ns(res, namespace)
+        obj = self.find(kind, name, namespace=ns, api_version=api_version)
+        try:
+            with self._errors(kind, name, ns):
+                self.dynamic.delete(res, name=name, namespace=ns, propagation_policy=propagation)
+        except NotFound:
+            return False
+        if wait:
+            self.wait_gone(kind, name, namespace=ns, api_version=api_version, timeout=timeout,
+                           uid=(obj or {}).get("metadata", {}).get("uid"))
+        return True
+
+    def ensure_namespace(self):
+        """Create (apply) this cluster object's namespace, labelled as the course's."""
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace,
+                                                                           "labels": {LABEL: "course"}}})
+
+    def tear_down(self):
+        """Give the cluster back as it was: labels off, then the namespaces and CRDs this object applied."""
+        for kind, name, namespace in list(self._labelled):
+            self.label(kind, name, {}, namespace=namespace)
+        for api_version, kind, name in reversed(self._owned):
+            self.delete(kind, name, api_version=api_version, timeout=300)
+        self._owned.clear()
+        self.close()
+
+    def proxy_mode(self):
+        """kube-proxy's mode, from the config kubeadm wrote (ConfigMap kube-system/kube-proxy)."""
+        conf = self.get("ConfigMap", "kube-proxy", namespace="kube-system")["data"]["config.conf"]
+        return yaml.safe_load(conf).get("mode") or "iptables"
+
+    # ---- waiting and watching
+
+    def wait(self, kind, name, pending, *, namespace=None, api_version=None, timeout=120, doing="waiting"):
+        """Poll one object until ``pending(obj)`` returns None; return the object.
+
+        ``pending`` gets the object, or None while there is none, and returns what it still waits
+        for (a sentence); on timeout that sentence is the LabTimeout's message.
+        """
+        res = self.resource(kind, api_version)
+        ns = self._ns(res, namespace)
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.find(kind, name, namespace=ns, api_version=api_version)
+            left = pending(obj)
+            if left is None:
+                return obj
+            if time.monotonic() > deadline:
+                raise LabTimeout(f"{what(kind, name, ns)}: {doing} for {timeout:g} s, still {left}",
+                                 fix="c.events(kind, name) and the Pods' logs say why; or allow more time")
+            time.sleep(0.5)
+
+    def wait_for(self, kind, name, type_, status="True", *, namespace=None, api_version=None, timeout=120):
+        """Wait until condition ``type_`` in .status.conditions has ``status``."""
+        def pending(obj):
+            got = condition(obj, type_) if obj else None
+            return None if got == status else ("not there" if obj is None else f"{type_}={got or 'not reported'}")
+        return self.wait(kind, name, pending, namespace=namespace, api_version=api_version, timeout=timeout,
+                         doing=f"waiting for {type_}={status}")
+
+    def wait_rollout(self, kind, name, *, namespace=None, timeout=180):
+        """Wait until a Deployment, StatefulSet or DaemonSet runs its current spec everywhere."""
+        return self.wait(kind, name, lambda o: "not there" if o is None else rollout_pending(o, kind),
+                         namespace=namespace, timeout=timeout, doing="waiting for the rollout")
+
+    def wait_gone(self, kind, name, *, namespace=None, api_version=None, timeout=120, uid=None):
+        """Wait until there is no such object (or, given its ``uid``, until that one is gone)."""
+        gone = lambda o: o is None or uid is not None and o["metadata"].get("uid") != uid
+        self.wait(kind, name, lambda o: None if gone(o) else "there", namespace=namespace,
+                  api_version=api_version, timeout=timeout, doing="waiting for it to be gone")
+
+    def wait_ready(self, *, nodes=None, timeout=300):
+        """Wait until every node is Ready (and ``nodes`` of them registered) and kube-system's pods run."""
+        deadline, left = time.monotonic() + timeout, ["the API server to answer"]
+        while time.monotonic() < deadline:
+            with contextlib.suppress(NoCluster, ServerError):
+                left = readiness(self.get("Node"), self.get("Pod", namespace="kube-system"), expected_nodes=nodes)
+                if not left:
+                    return
+            time.sleep(2)
+        raise LabTimeout(f"cluster {self.context} not ready after {timeout:g} s: " + "; ".join(left[:6]),
+                         fix="look at the nodes and kube-system pods; on kind, `docker logs <node>`")
+
+    def watch(self, kind, *, namespace=None, name=None, label_selector=None, api_version=None, timeout=30,
+              resource_version=None):
+        """Yield Events as the API server streams them; stop after ``timeout`` seconds (the server ends it).
+
+        Without ``resource_version`` the stream starts with an ADDED event for every object that
+        exists (a list, then the changes).
+        """
+        from kubernetes import watch
+        res = self.resource(kind, api_version)
+        ns = self._ns(res, namespace)
+        with self._errors(kind, name, ns):
+            for event in watch.Watch().stream(
+                    self.dynamic.get, res, namespace=ns, label_selector=label_selector, serialize=False,
+                    field_selector=f"metadata.name={name}" if name else None, resource_version=resource_version,
+                    timeout_seconds=max(1, int(timeout)), _request_timeout=timeout + 15):
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    yield Event(event["type"], {"kind": kind, **event["raw_object"]})
+
+    def events(self, kind=None, name=None, *, namespace=None):
+        """The Event objects about an object (or a whole namespace), oldest first."""
+        selector = ",".join(f"involvedObject.{k}={v}" for k, v in (("kind", kind), ("name", name)) if v)
+        found = self.get("Event", namespace=namespace, field_selector=selector or None)
+        return sorted(found, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp") or "")
+
+    # ---- inside Pods
+
+    def logs(self, pod, *, namespace=None, container=None, tail=None, previous=False):
+        from kubernetes import client
+        ns = namespace or self.namespace
+        with self._errors("Pod", pod, ns):
+            return client.CoreV1Api(self.api).read_namespaced_pod_log(
+                pod, ns, container=container, tail_lines=tail, previous=previous)
+
+    def exec(self, pod, *command, namespace=None, container=None, timeout=60):
+        """Run a command in a Pod's container (as ``kubectl exec``); return its Result."""
+        from kubernetes import client, stream
+        ns = namespace or self.namespace
+        with self._errors("Pod", pod, ns):
+            ws = stream.stream(client.CoreV1Api(self.api).connect_get_namespaced_pod_exec, pod, ns,
+                               command=list(command), container=container, stdin=False, stdout=True,
+                               stderr=True, tty=False, _preload_content=False)
+        try:
+            ws.run_forever(timeout=timeout)
+            if ws.is_open():
+                raise LabTimeout(f"{' '.join(command)} in Pod {ns}/{pod} still running after {timeout:g} s")
+            return Result(ws.returncode, ws.read_stdout() or "", ws.read_stderr() or "")
+        finally:
+            ws.close()
+
+    # ---- what only kind can do (helpers.kind.KindCluster does it)
+
+    def node_containers(self):
+        raise NeedsKind("listing the node containers", self.context)
+
+    def node_exec(self, node, *command):
+        raise NeedsKind("running a command inside a node", self.context)
+
+    def stop_node(self, node):
+        raise NeedsKind("stopping a node", self.context)
+
+    def start_node(self, node, *, timeout=180):
+        raise NeedsKind("starting a node", self.context)
+
+    def load_image(self, *refs):
+        raise NeedsKind("loading a local image into the nodes", self.context)
+
+    def sandbox(self, node, pod, *, namespace=None):
+        raise NeedsKind("reading a Pod's sandbox on its node", self.context)
+
+
+def _comparable(obj):
+    """An object as YAML lines, without what the server changes on every write."""
+    if obj is None:
+        return []
+    obj = copy.deepcopy(obj)
+    obj.pop("status", None)
+    for key in ("managedFields", "resourceVersion", "generation", "uid", "creationTimestamp"):
+        obj.get("metadata", {}).pop(key, None)
+    return yaml.safe_dump(obj, sort_keys=True).splitlines()
+
+
+def connect(context=None, *, kubeconfig=None, namespace="default"):
+    """A Cluster for a kubeconfig context: the current one unless named."""
+    return Cluster(context, kubeconfig=kubeconfig, namespace=namespace)

@@ -1,0 +1,75 @@
+"""The lab notebooks: what each one needs, whether it can run here, and running them.
+
+A notebook declares its needs in its metadata, ``{"cnlab": {"requires": ["root", "docker"]}}``;
+the names are those of ``doctor.REQUIREMENTS``. Tests, ``make book EXECUTE=1`` and the doctor
+all read them from here.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.notebook import doctor
+from helpers._core.names import LABS
+
+# A cell whose output is not compared carries one of these nbval markers on its own line,
+# and the line after it says why: "# why: ...".
+EXCUSES = ("# NBVAL_IGNORE_OUTPUT", "# NBVAL_SKIP", "# NBVAL_RAISES_EXCEPTION")
+
+
+@dataclass(frozen=True)
+class Lab:
+    path: Path
+    title: str
+    requires: tuple
+    nbval: str  # "strict", or "lax" for notebooks that only a real cluster can run
+
+    @property
+    def name(self):
+        return self.path.stem
+
+
+def load(path):
+    path = Path(path)
+    nb = json.loads(path.read_text())
+    meta = nb.get("metadata", {}).get("cnlab", {})
+    title = next((line.lstrip("# ").strip() for cell in nb["cells"] if cell["cell_type"] == "markdown"
+                  for line in "".join(cell["source"]).splitlines() if line.startswith("# ")), path.stem)
+    return Lab(path, title, tuple(meta.get("requires", ())), meta.get("nbval", "strict"))
+
+
+def all_labs(folder=LABS):
+    return [load(p) for p in sorted(Path(folder).glob("*.ipynb"))]
+
+
+def problems(path):
+    """What is wrong with a committed notebook, as a list of sentences (empty when it is fine)."""
+    lab, nb = load(path), json.loads(Path(path).read_text())
+    found = [f"unknown requirement {r!r}" for r in lab.requires if r not in doctor.REQUIREMENTS]
+    if "cnlab" not in nb.get("metadata", {}):
+        found.append('no "cnlab" metadata: declare {"requires": [...]} (an empty list is fine)')
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    if lab.nbval == "strict" and code and not any(c.get("outputs") for c in code):
+        found.append("no outputs: execute it on a real machine and commit the outputs")
+    for i, cell in enumerate(code, 1):
+        lines = [line.strip() for line in "".join(cell["source"]).splitlines()]
+        for marker in EXCUSES:
+            if marker in lines:
+                after = lines[lines.index(marker) + 1] if lines.index(marker) + 1 < len(lines) else ""
+                if not after.startswith("# why:"):
+                    found.append(f"code cell {i}: {marker[2:]} without a '# why:' line after it")
+        expected = "raises-exception" in cell.get("metadata", {}).get("tags", ()) \
+            or "# NBVAL_RAISES_EXCEPTION" in lines
+        if not expected and any(o.get("output_type") == "error" for o in cell.get("outputs", ())):
+            found.append(f"code cell {i}: an error output in a cell not tagged raises-exception")
+    return found
+
+
+def execute(labs, *, timeout=900):
+    """Run labs in place (outputs and widget state saved), in their own folder as working dir."""
+    import nbclient
+    import nbformat
+    for lab in labs:
+        nb = nbformat.read(lab.path, as_version=4)
+        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
+                                resources={"metadata": {"path": str(lab.path.parent)}}).execute()
+        nbformat.write(nb, lab.path)

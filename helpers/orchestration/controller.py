@@ -1,0 +1,334 @@
+"""A reconcile loop in the Kubernetes style: desired state in etcd, actual state in Docker.
+
+This is a teaching model of one controller of Kubernetes' controller manager (the ReplicaSet
+controller), small enough to read in one sitting. It is not an orchestrator to run things on:
+it has one machine, no scheduler, no health checks, no rate limits and no leader election.
+Kubernetes has all of that; run your workloads there.
+
+- Desired state: one JSON object per replica set under ``/registry/cnlab/replicasets/<name>``,
+  laid out like Kubernetes' own objects: ``metadata`` (name, generation), ``spec`` (image,
+  replicas) and ``status`` (what the controller last saw). ``apply()`` writes the spec.
+- Actual state: Docker containers labelled ``cnlab.owner=<name>`` (and ``cnlab``).
+- The loop is level-triggered: every pass lists all of the desired and all of the actual state
+  and acts on the difference. Watches (etcd's, and Docker's events) only wake it early; a pass
+  also runs every ``resync`` seconds, so a missed event delays a fix but never loses it. Nothing
+  is kept in memory between passes: stop the controller, change anything, start a new one,
+  and it catches up.
+"""
+import contextlib
+import json
+import re
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from helpers._core import owners
+from helpers.containers import images
+from helpers.errors import BadInput, LabTimeout
+from helpers._core.names import LABEL, PREFIX
+from helpers.orchestration.swarm import WORKLOAD  # the same idle busybox as Swarm's tasks
+
+REGISTRY = f"/registry/{PREFIX}/replicasets/"
+OWNER = f"{LABEL}.owner"
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One container as the controller sees it."""
+    name: str
+    owner: str
+    image: str
+    state: str   # Docker's: created, running, exited, ...
+    created: int  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str    # "create", "delete" or "failed"
+    owner: str
+    why: str
+
+    def __str__(self):
+        return f"{self.verb} {self.owner}: {self.why}"
+
+
+def _check_name(name):
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", name):
+        raise BadInput(f"replica set name {name!r}: use lowercase letters, digits and '-'")
+
+
+# ------------------------------------------------------------------ desired state (etcd)
+
+def apply(db, name, *, image, replicas):
+    """Write the desired state of replica set ``name``; return the object as stored.
+
+    This plays the API server's part: ``metadata.generation`` goes up when the spec changes
+    (status writes leave it alone), and the write is a compare-and-swap on the key's
+    mod_revision, so a concurrent status write is never overwritten: on a conflict, re-read.
+    """
+    _check_name(name)
+    if not isinstance(replicas, int) or replicas < 0:
+        raise BadInput(f"replicas {replicas!r}: give a whole number >= 0")
+    if not isinstance(image, str) or not image:
+        raise BadInput(f"image {image!r}: give an image reference such as cnlab/busybox:latest")
+    spec = {"image": image, "replicas": replicas}
+    while True:
+        kv = db.get(REGISTRY + name)
+        obj = json.loads(kv.value) if kv else {"metadata": {"name": name, "generation": 0}, "status": {}}
+        if obj.get("spec") == spec:
+            return obj
+        obj["spec"] = spec
+        obj["metadata"]["generation"] += 1
+        if db.cas(REGISTRY + name, _encode(obj), mod_revision=kv.mod_revision if kv else 0).succeeded:
+            return obj
+
+
+def get(db, name):
+    """The stored object of replica set ``name``, or None."""
+    kv = db.get(REGISTRY + name)
+    return json.loads(kv.value) if kv else None
+
+
+def delete(db, name):
+    """Delete the desired state; the controller then deletes the containers it owned."""
+    return db.delete(REGISTRY + name) == 1
+
+
+def _encode(obj):
+    return json.dumps(obj, sort_keys=True)
+
+
+# ------------------------------------------------------------------ actual state (Docker)
+
+def replicas(client, owner=None):
+    """Every container owned by a replica set (or by ``owner``), sorted by name."""
+    label = f"{OWNER}={owner}" if owner else OWNER
+    found = [Replica(c["Names"][0].lstrip("/"), c["Labels"][OWNER], c["Image"], c["State"], c["Created"])
+             for c in client.api.containers(all=True, filters={"label": label})]
+    return sorted(found, key=lambda r: r.name)
+
+
+def observe(db, name, client=None):
+    """Desired, recorded and actual state of ``name`` side by side: run-independent, unlike IDs."""
+    obj = get(db, name) or {}
+    with _docker(client) as c:
+        actual = Counter(f"{r.state} {r.image}" for r in replicas(c, name))
+    return {"spec": obj.get("spec"), "status": obj.get("status"), "actual": dict(sorted(actual.items()))}
+
+
+@contextlib.contextmanager
+def _docker(client):
+    if client is not None:
+        yield client
+        return
+    with contextlib.closing(images.client()) as c:
+        yield c
+
+
+# ------------------------------------------------------------------ the diff
+
+def diff(spec, owned):
+    """What to do for one replica set: (containers to delete with why, how many to create).
+
+    Pure logic, no I/O. A container counts if it runs the spec's image; others are replaced.
+    ``spec`` None means the object is gone: everything it owned goes (garbage collection).
+    """
+    if spec is None:
+        return [(r, "its replica set is gone") for r in owned], 0
+    good = [r for r in owned if r.state == "running" and r.image == spec["image"]]
+    delete = [(r, f"{r.state}, not running") if r.image == spec["image"]
+              else (r, f"image {r.image}, want {spec['image']}") for r in owned if r not in good]
+    extra = sorted(good, key=lambda r: (r.created, r.name))[spec["replicas"]:]  # the newest go
+    delete += [(r, f"{len(good)} running, want {spec['replicas']}") for r in extra]
+    return delete, max(0, spec["replicas"] - len(good))
+
+
+class Controller:
+    """The loop: ``reconcile_once()`` by hand, or ``start()`` it in a thread and ``stop()`` it."""
+
+    def __init__(self, db, *, resync=2.0, client=None):
+        self.db = db
+        self.resync = resync
+        self._client = client
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = None
+        self.passes = 0
+        self.history = deque(maxlen=200)   # a log for people to read, never used to decide
+        self.last_error = None
+
+    # one pass ------------------------------------------------------------------------
+    def reconcile_once(self):
+        """List everything, diff, act, record status; return the actions taken."""
+        with self._lock, _docker(self._client) as client:
+            objects = {kv.key.removeprefix(REGISTRY): kv for kv in self.db.get_prefix(REGISTRY)
+                       if "/" not in kv.key.removeprefix(REGISTRY)}
+            owned = {}
+            for r in replicas(client):
+                owned.setdefault(r.owner, []).append(r)
+            actions = []
+            for owner in sorted(set(owned) - set(objects)):
+                actions += self._act(client, owner, None, owned[owner])
+            for name, kv in sorted(objects.items()):
+                try:
+                    obj = json.loads(kv.value)
+                    spec = {"image": str(obj["spec"]["image"]), "replicas": int(obj["spec"]["replicas"])}
+                    generation = int(obj["metadata"]["generation"])
+                except (ValueError, KeyError, TypeError) as e:
+                    actions.append(Action("failed", name, f"not a replica set object: {e!r}"))
+                    continue
+                actions += self._act(client, name, spec, owned.get(name, []))
+                self._record(client, kv, obj, spec, generation)
+            self.passes += 1
+            self.history.extend(actions)
+            return actions
+
+    def _act(self, client, owner, spec, owned):
+        import docker
+        delete, create = diff(spec, owned)
+        actions = []
+        for replica, why in delete:
+            with contextlib.suppress(docker.errors.NotFound):  # already gone: that is the goal
+                client.api.remove_container(replica.name, force=True)
+            actions.append(Action("delete", owner, why))
+        for _ in range(create):
+            name = f"{PREFIX}-{owner}-{secrets.token_hex(3)}"
+            try:
+                client.containers.create(spec["image"], WORKLOAD, name=name,
+                                         labels={LABEL: "controller", OWNER: owner}).start()
+            except docker.errors.DockerException as e:
+                actions.append(Action("failed", owner, f"cannot create a container: {e}"))
+                break
+            kept = len(owned) - len(delete)
+            actions.append(Action("create", owner, f"{kept} running, want {spec['replicas']}"))
+        return actions
+
+    def _record(self, client, kv, obj, spec, generation):
+        """Write what is true now into ``status``; lose a race quietly: the next pass writes again."""
+        mine = replicas(client, kv.key.removeprefix(REGISTRY))
+        status = {"observedGeneration": generation, "replicas": len(mine),
+                  "readyReplicas": sum(r.state == "running" and r.image == spec["image"] for r in mine)}
+        if obj.get("status") != status:
+            self.db.cas(kv.key, _encode({**obj, "status": status}), mod_revision=kv.mod_revision)
+
+    # the loop in a thread ----------------------------------------------------------------
+    @property
+    def running(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self):
+        if self.running:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="cnlab-controller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=10.0):
+        """Stop the loop and its watches; the containers stay (they are the workload)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self):
+        wakers = {}
+        try:
+            while not self._stop.is_set():
+                for source, watch in (("etcd", self._watch_etcd), ("docker", self._watch_docker)):
+                    if source not in wakers or not wakers[source].is_alive():
+                        with contextlib.suppress(Exception):  # it is down: the pass will say so
+                            wakers[source] = watch()
+                self._wake.clear()
+                try:
+                    self.reconcile_once()
+                    self.last_error = None
+                except Exception as e:  # etcd or Docker away: keep the error, try again soon
+                    self.last_error = e
+                self._wake.wait(self.resync if self.last_error is None else min(self.resync, 1.0))
+        finally:
+            for waker in wakers.values():
+                waker.cancel()
+
+    def _watch_etcd(self):
+        """Desired state changed: wake up."""
+        return _Waker(self.db.watch(REGISTRY, prefix=True), self._wake)
+
+    def _watch_docker(self):
+        """Actual state changed (an owned container started, died or went): wake up."""
+        client = images.client()
+        events = client.events(decode=True, filters={"type": "container", "label": OWNER,
+                                                     "event": ["start", "die", "destroy"]})
+        return _Waker(events, self._wake, client)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def __repr__(self):
+        return f"<controller.Controller {'running' if self.running else 'stopped'}, {self.passes} passes>"
+
+
+class _Waker:
+    """Reads a stream (an etcd watch, Docker's events) and only sets the wake-up flag."""
+
+    def __init__(self, stream, wake, client=None):
+        self._stream, self._wake, self._client = stream, wake, client
+        self._thread = threading.Thread(target=self._run, name="cnlab-controller-waker", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        with contextlib.suppress(Exception):  # the stream ended: the loop starts a new one
+            for _ in self._stream:
+                self._wake.set()
+        self._wake.set()
+
+    def is_alive(self):
+        return self._thread.is_alive()
+
+    def cancel(self):
+        with contextlib.suppress(Exception):
+            self._stream.close()
+        if self._client is not None:
+            self._client.close()
+        self._thread.join(5)
+
+
+def wait_converged(db, name, *, timeout=30.0, client=None):
+    """Wait until the containers of ``name`` match its spec and its status says so; return the object."""
+    deadline = time.monotonic() + timeout
+    with _docker(client) as c:
+        while True:
+            obj = get(db, name)
+            if obj is not None:
+                spec, status = obj["spec"], obj.get("status", {})
+                mine = replicas(c, name)
+                if (status.get("observedGeneration") == obj["metadata"]["generation"]
+                        and status.get("readyReplicas") == status.get("replicas") == spec["replicas"]
+                        and len(mine) == spec["replicas"]
+                        and all(r.state == "running" and r.image == spec["image"] for r in mine)):
+                    return obj
+            if time.monotonic() > deadline:
+                raise LabTimeout(f"replica set {name} did not converge within {timeout:g} s: "
+                                 f"{observe(db, name, c)}",
+                                 fix="is a controller running (controller.start()), or call reconcile_once()")
+            time.sleep(0.1)
+
+
+@owners.sweeper(owners.RUNTIMES)
+def sweep():
+    """Remove every container a replica set owned (the desired state goes with its etcd)."""
+    try:
+        client = images.client(timeout=10)
+    except images.EngineUnavailable:
+        return
+    import docker
+    with contextlib.closing(client):
+        for c in client.api.containers(all=True, filters={"label": OWNER}):
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.remove_container(c["Id"], force=True)

@@ -1,0 +1,593 @@
+"""A real virtual machine: Debian's cloud kernel and a busybox initramfs under QEMU.
+
+QEMU runs the guest on KVM where it can (the CPU runs guest code itself and only exits to the
+hypervisor for I/O), or on TCG (QEMU translates each block of guest code into host code: no
+hardware help, many times slower, works anywhere). ``accel="auto"`` tries KVM for a few
+seconds and falls back to TCG, and says why: on the course's machines QEMU with KVM cannot
+boot Linux (nested virtualization).
+
+The guest talks on two serial ports: ttyS0 is the kernel's console (kept, to show and to put
+in errors) and ttyS1 carries commands and their results. A host folder can be shared into the
+guest with virtiofs (Debian's cloud kernel has no 9p at all, but has virtiofs as modules)::
+
+    with vm.VM() as guest:
+        print(guest.accel, guest.fallback_reason)
+        print(guest.run("uname -r").output)
+"""
+import base64
+import collections
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from helpers.virt import initramfs
+from helpers._core import names, owners
+from helpers.errors import BadInput, LabError, LabTimeout, MissingTool, NeedsRoot
+from helpers._core.names import CACHE, LABEL, STATE
+
+KERNEL = CACHE / "kernel" / "vmlinuz"
+MODULES = CACHE / "kernel" / "modules"      # <version>/ as in /lib/modules
+QEMU = "qemu-system-x86_64"
+VIRTIOFSD = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")  # Debian 13+, Debian 12
+KVM_LIMIT = 3.0        # s: a KVM boot that works reaches init in well under a second
+MIN_MEMORY = 96        # MiB: 64 panics while the kernel unpacks the initramfs
+GUEST_SHARE = "/mnt/host"
+MARKER = "cnlab-init:"
+SHARE_MODULES = ("virtiofs", "virtio_pci")
+
+# PID 1 of the guest. The kernel has opened /dev/console (ttyS0) as its stdin/stdout already.
+INIT = r"""#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo; echo "cnlab-init: up $(cut -d' ' -f1 /proc/uptime) s"
+case " $(cat /proc/cmdline) " in *" cnlab.share "*)
+    for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m"; done
+    mkdir -p /mnt/host
+    mount -t virtiofs host0 /mnt/host || { echo "cnlab: the shared folder did not mount"; poweroff -f; } ;;
+esac
+# ttyS1: one base64 command per line in; its output (base64) and exit status out.
+exec 3<>/dev/ttyS1
+stty raw -echo <&3
+echo cnlab-ready >&3
+while read -r line <&3 && [ "$line" != poweroff ]; do
+    echo "$line" | base64 -d > /tmp/command
+    sh /tmp/command </dev/null >/tmp/output 2>&1
+    status=$?
+    { echo cnlab-output; base64 /tmp/output; echo "cnlab-exit $status"; } >&3
+done
+poweroff -f
+"""
+
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")
+_kvm_verdict = {}      # "kvm" -> None (KVM boots Linux) or why not; tried once per process
+
+
+class MissingKernel(MissingTool):
+    def __init__(self, path):
+        LabError.__init__(self, f"{path} is missing (Debian's cloud kernel, for the VM labs)",
+                          fix="run `make test` as root: its set-up extracts it (it is never "
+                              "installed as this machine's kernel)")
+
+
+class BootFailed(LabError):
+    """QEMU exited before the guest's init ran (a kernel panic, or QEMU refused to start)."""
+
+    def __init__(self, status, why):
+        self.status, self.why = status, why
+        super().__init__(f"QEMU exited (status {status}) before the guest's init: {why}",
+                         fix="read the VM's console (guest.console) and QEMU's messages")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A command run in the guest, and the VM it ran on."""
+    command: str
+    output: str
+    exit_code: int
+    accel: str                    # "kvm" or "tcg"
+    fallback_reason: str | None   # why not KVM, when KVM was wanted ("auto") and not used
+    init_seconds: float           # from starting QEMU to the guest's init
+    peak_memory: int              # bytes: QEMU's peak RSS so far (see VM.peak_memory)
+
+
+def _mebibytes(memory):
+    match = re.fullmatch(r"(\d+)([MG])?i?B?", str(memory).strip(), re.IGNORECASE)
+    if not match:
+        raise BadInput(f"memory={memory!r} is not a size", fix='give MiB or a string like "256M" or "1G"')
+    mib = int(match[1]) * (1024 if (match[2] or "M").upper() == "G" else 1)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    if not MIN_MEMORY <= mib <= total:
+        raise BadInput(f"memory={memory!r} is {mib} MiB",
+                       fix=f"give between {MIN_MEMORY} MiB and this machine's {total} MiB")
+    return mib
+
+
+def kernel_version(path=KERNEL):
+    """The version string a bzImage carries in its header (where ``file`` reads it too)."""
+    with open(path, "rb") as f:
+        f.seek(0x20E)
+        offset, = struct.unpack("<H", f.read(2))
+        f.seek(offset + 0x200)
+        return f.read(256).split(b"\0", 1)[0].split()[0].decode()
+
+
+def _orphan_guard():
+    """A prefix that makes the kernel kill the child when its parent dies (a restarted Jupyter
+    kernel, a killed pytest), so that no QEMU outlives its owner until the next sweep.
+
+    Strictly, the parent is the *thread* that started it; the labs start VMs from the main one.
+    """
+    setpriv = shutil.which("setpriv")        # util-linux: on every Debian and Ubuntu
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
+
+
+def _kvm_unusable():
+    if not os.path.exists("/dev/kvm"):
+        return "this machine has no /dev/kvm (no hardware virtualization)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "no permission to open /dev/kvm (needs root or the kvm group)"
+    return None
+
+
+def _boot(launch, accel, timeout):
+    """Boot with ``launch(accel, limit)``; return why KVM was not used when it was wanted.
+
+    ``"auto"`` tries KVM once per process, for at most ``KVM_LIMIT`` seconds, and remembers
+    the verdict: the next boots go straight to the accelerator that works. The verdict is not
+    kept on disk: it costs at most 3 s once per process, and a stale verdict (a machine that
+    gained working nested KVM, or lost it) would be wrong without saying so.
+    """
+    if accel != "auto":
+        launch(accel, timeout)
+        return None
+    if "kvm" not in _kvm_verdict:
+        why = _kvm_unusable()
+        if why is None:
+            try:
+                launch("kvm", KVM_LIMIT)
+                _kvm_verdict["kvm"] = None
+                return None
+            except LabTimeout:
+                why = (f"QEMU with KVM did not reach the guest's init within {KVM_LIMIT:g} s "
+                       "(it hangs, as under nested virtualization)")
+            except BootFailed as e:
+                why = f"QEMU with KVM exited (status {e.status}) before the guest's init: {e.why}"
+        _kvm_verdict["kvm"] = why
+    if _kvm_verdict["kvm"] is None:
+        launch("kvm", timeout)
+        return None
+    launch("tcg", timeout)
+    return _kvm_verdict["kvm"]
+
+
+class VM:
+    """A QEMU guest with a busybox userland, to run shell commands in; a context manager.
+
+    Keyword-only options: ``memory`` (MiB or "256M"), ``accel`` ("auto", "kvm" or "tcg"),
+    ``append`` (more kernel command line, e.g. "cgroup_no_v1=all"), ``share`` (a host folder,
+    mounted at ``/mnt/host`` in the guest; needs root for virtiofsd), ``timeout`` (seconds
+    for the boot to reach init).
+
+    While it runs, QEMU is ``-name cnlab-vm-<id>`` and its sockets live in
+    ``/run/cnlab/vm/<id>``: ``sweep()`` finds both after a crash.
+    """
+
+    def __init__(self, *, memory="256M", accel="auto", append="", share=None, timeout=60.0):
+        self.mib = _mebibytes(memory)
+        if accel not in ("auto", "kvm", "tcg"):
+            raise BadInput(f"accel={accel!r} is not an accelerator", fix='use "auto", "kvm" or "tcg"')
+        if not isinstance(append, str) or "\n" in append:
+            raise BadInput(f"append={append!r} is not a kernel command line", fix="give one line of text")
+        if share is not None and not Path(share).is_dir():
+            raise BadInput(f"share={share!r} is not a folder", fix="give an existing host folder")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise BadInput(f"timeout={timeout!r} is not a positive number of seconds")
+        self.wanted, self.append, self.timeout = accel, append, float(timeout)
+        self.share = Path(share).resolve() if share is not None else None
+        self.accel = self.fallback_reason = self.name = self.dir = self.argv = None
+        self.init_seconds = self.guest_init_seconds = None
+        self.console = collections.deque(maxlen=500)   # the kernel console's last lines
+        self._proc = self._virtiofsd = self._serial = self._console = self._reader = None
+        self._status = self._rusage = None
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self):
+        """Boot the guest until its init answers; on any failure nothing is left behind."""
+        if not KERNEL.is_file():
+            raise MissingKernel(KERNEL)
+        moddir = MODULES / kernel_version()
+        if not moddir.is_dir():
+            raise MissingKernel(moddir)
+        if shutil.which(QEMU) is None:
+            raise MissingTool(QEMU, package="qemu-system-x86")
+        if self.share is not None and os.geteuid() != 0:
+            raise NeedsRoot("sharing a folder into a VM (virtiofsd)")
+        self._initrd = initramfs.build(INIT, modules=initramfs.modules(SHARE_MODULES, moddir))
+        self.fallback_reason = _boot(self._launch, self.wanted, self.timeout)
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            self.close()
+        else:
+            self.kill()
+
+    def close(self):
+        """Ask init to power off, wait for QEMU to exit (kill it after 10 s), remove its files."""
+        try:
+            if self._serial is not None and self._poll() is None:
+                self._serial.sendall(b"poweroff\n")
+                deadline = time.monotonic() + 10
+                while self._poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        except OSError:
+            pass   # QEMU is gone already: kill() reaps it
+        finally:
+            self.kill()
+
+    def kill(self):
+        """Stop QEMU (and virtiofsd) now and remove the VM's folder; safe to call twice."""
+        if self._proc is not None:
+            if self._poll() is None:
+                self._proc.kill()
+                _, status, self._rusage = os.wait4(self._proc.pid, 0)
+                self._status = self._proc.returncode = os.waitstatus_to_exitcode(status)
+        if self._virtiofsd is not None:
+            self._virtiofsd.kill()
+            self._virtiofsd.wait()
+            self._virtiofsd = None
+        for conn in (self._serial, self._console):
+            if conn is not None:
+                with contextlib.suppress(OSError):   # wakes the console thread's recv()
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+        self._serial = self._console = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def _poll(self):
+        """QEMU's exit status, or None while it runs. Reaps it with wait4 to keep its rusage."""
+        if self._status is None:
+            pid, status, usage = os.wait4(self._proc.pid, os.WNOHANG)
+            if pid:
+                self._status = self._proc.returncode = os.waitstatus_to_exitcode(status)
+                self._rusage = usage
+        return self._status
+
+    @property
+    def pid(self):
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self):
+        """QEMU's exit status once it has exited (0 after a clean power-off), else None."""
+        return self._poll() if self._proc is not None else None
+
+    @property
+    def peak_memory(self):
+        """QEMU's peak resident memory in bytes, as the kernel tracks it (not sampled).
+
+        While QEMU runs this is ``VmHWM`` from /proc/<pid>/status; once it has exited it is
+        ``ru_maxrss`` from wait4(), the same high-water mark. It counts the guest RAM that
+        the guest touched, QEMU's own heap and TCG's translated code, and QEMU's libraries.
+        """
+        if self._proc is None:
+            return None
+        if self._poll() is not None:
+            return self._rusage.ru_maxrss * 1024
+        with open(f"/proc/{self._proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    # -- booting ------------------------------------------------------------------------
+    def _launch(self, accel, limit):
+        """Start QEMU with ``accel`` and wait for init's "ready"; clean up and raise if not."""
+        self.kill()
+        self._proc = self._status = self._rusage = self._reader = self.accel = None
+        self.init_seconds = self.guest_init_seconds = None
+        self.console.clear()
+        vmid = secrets.token_hex(4)
+        self.name, self.dir = names.name("vm", vmid), names.state_dir("vm", vmid)
+        try:
+            listeners = {}
+            for channel in ("console", "serial"):
+                listeners[channel] = socket.socket(socket.AF_UNIX)
+                listeners[channel].bind(str(self.dir / f"{channel}.sock"))
+                listeners[channel].listen(1)
+            self.argv = self._argv(accel)
+            started = time.monotonic()
+            deadline = started + limit
+            with open(self.dir / "qemu.log", "wb") as log:
+                self._proc = subprocess.Popen(_orphan_guard() + self.argv, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=log)
+            self._console = self._accept(listeners.pop("console"), deadline, accel, limit)
+            self._serial = self._accept(listeners.pop("serial"), deadline, accel, limit)
+            marker = threading.Event()
+            self._reader = threading.Thread(target=self._read_console, daemon=True,
+                                            args=(self._console, started, marker))
+            self._reader.start()
+            self._wait(marker.is_set, deadline, accel, limit)
+            self._buffer = b""
+            while self._readline(deadline) != "cnlab-ready":
+                pass
+            self.accel = accel
+        except BaseException:
+            for listener in listeners.values():
+                listener.close()
+            self.kill()
+            raise
+
+    def _argv(self, accel):
+        cmdline = ["console=ttyS0", "quiet", "panic=-1"]
+        argv = [QEMU, "-name", self.name, "-nodefaults", "-nographic", "-no-reboot",
+                "-accel", accel, *(["-cpu", "host"] if accel == "kvm" else []),
+                "-smp", "1", "-m", f"{self.mib}M", "-kernel", str(KERNEL),
+                "-initrd", str(self._initrd)]
+        for channel in ("console", "serial"):   # ttyS0, ttyS1, in this order
+            argv += ["-chardev", f"socket,id={channel},path={self.dir / channel}.sock",
+                     "-serial", f"chardev:{channel}"]
+        if self.share is not None:
+            argv += self._virtiofs()
+            cmdline.append("cnlab.share")
+        return argv + ["-append", " ".join(cmdline + self.append.split())]
+
+    def _virtiofs(self):
+        """Start virtiofsd on the shared folder; return QEMU's arguments for its device.
+
+        vhost-user lets virtiofsd read and write the guest's RAM directly, so that RAM must
+        be a shared memory file (memfd) rather than QEMU's private memory.
+        """
+        daemon = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None)
+        if daemon is None:
+            raise MissingTool("virtiofsd", package="virtiofsd")
+        path = self.dir / "fs.sock"
+        with open(self.dir / "virtiofsd.log", "wb") as log:
+            argv = [daemon, f"--socket-path={path}", "-o", f"source={self.share}", "-o", "cache=none"]
+            self._virtiofsd = subprocess.Popen(_orphan_guard() + argv, stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 5
+        while not path.exists():
+            if self._virtiofsd.poll() is not None or time.monotonic() > deadline:
+                log = (self.dir / "virtiofsd.log").read_text(errors="replace").strip()
+                raise LabError(f"virtiofsd did not start: {log[-300:]}")
+            time.sleep(0.01)
+        return ["-chardev", f"socket,id=fs,path={path}",
+                "-device", "vhost-user-fs-pci,chardev=fs,tag=host0",
+                "-object", f"memory-backend-memfd,id=mem,size={self.mib}M,share=on",
+                "-machine", "memory-backend=mem"]
+
+    def _accept(self, listener, deadline, accel, limit):
+        """QEMU connects its serial ports to our sockets as it starts."""
+        with listener:
+            self._wait(lambda: select.select([listener], [], [], 0)[0], deadline, accel, limit)
+            return listener.accept()[0]
+
+    def _wait(self, done, deadline, accel, limit):
+        while not done():
+            self._check()
+            if time.monotonic() > deadline:
+                raise LabTimeout(
+                    f"the guest did not reach its init within {limit:g} s ({accel}); "
+                    f"last console lines: {' | '.join(list(self.console)[-5:]) or '(none)'}",
+                    fix="give it a longer timeout=, or read the console for a kernel panic")
+            time.sleep(0.005)
+
+    def _check(self):
+        """Raise if QEMU has exited: BootFailed while booting, LabError once init was up."""
+        if self._poll() is None:
+            return
+        if self._reader is not None:
+            self._reader.join(timeout=1)     # the console's last words, e.g. a kernel panic
+        console = " | ".join(list(self.console)[-5:])
+        if self.accel is not None:
+            raise LabError(f"QEMU exited (status {self._status}); last console lines: {console}")
+        log = (self.dir / "qemu.log").read_text(errors="replace").splitlines()
+        errors = [line.removeprefix(f"{QEMU}: ") for line in log if "warning:" not in line]
+        raise BootFailed(self._status, errors[0] if errors else console)
+
+    def _read_console(self, conn, started, marker):
+        """Keep the console's lines; note when init's marker appears (runs in a thread)."""
+        def add(raw, now):
+            line = _ANSI.sub("", raw.decode(errors="replace")).strip()
+            if line:
+                self.console.append(line)
+            if MARKER in line and not marker.is_set():   # it may follow firmware text
+                self.init_seconds = now - started
+                self.guest_init_seconds = float(line.split(MARKER)[1].split()[1])
+                marker.set()
+
+        pending = b""
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    add(raw, time.monotonic())
+        add(pending, time.monotonic())
+
+    def _readline(self, deadline):
+        """One line from ttyS1, waiting until ``deadline``."""
+        while b"\n" not in self._buffer:
+            self._check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LabTimeout("the guest did not answer in time")
+            self._serial.settimeout(min(remaining, 0.2))
+            with contextlib.suppress(TimeoutError):
+                chunk = self._serial.recv(65536)
+                if not chunk:   # QEMU closed the port as it exits: wait to say why
+                    until = time.monotonic() + 2
+                    while self._poll() is None and time.monotonic() < until:
+                        time.sleep(0.01)
+                    self._check()
+                    raise LabError("the guest's serial port closed, and QEMU still runs")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode(errors="replace").strip("\r")
+
+    # -- using it -----------------------------------------------------------------------
+    def run(self, command, *, timeout=60.0):
+        """Run a shell command in the guest; its output (stdout and stderr) and exit status.
+
+        Each command runs in a fresh ``sh`` (a ``cd`` does not carry over). If it does not
+        finish within ``timeout`` seconds the VM is killed: the serial line is out of step.
+        """
+        if not isinstance(command, str):
+            raise BadInput(f"command={command!r} is not a string", fix="give one shell command line")
+        encoded = base64.b64encode(command.encode())
+        if len(encoded) > 4000:    # the guest tty's input buffer holds 4095 bytes
+            raise BadInput(f"the command is {len(command)} bytes long",
+                           fix="keep it under 3000 bytes, or put a script in the shared folder")
+        if self._serial is None or self._poll() is not None:
+            raise LabError("the VM is not running", fix="use it inside `with vm.VM() as guest:`")
+        deadline = time.monotonic() + timeout
+        try:
+            self._serial.sendall(encoded + b"\n")
+            while self._readline(deadline) != "cnlab-output":
+                pass
+            encoded_output = []
+            while not (line := self._readline(deadline)).startswith("cnlab-exit "):
+                encoded_output.append(line)
+        except LabTimeout as e:
+            self.kill()
+            raise LabTimeout(f"`{command}` did not finish within {timeout:g} s in the guest",
+                             fix="the VM was stopped; start a new one") from e
+        except BaseException:
+            self.kill()     # interrupted mid-answer: the protocol is out of step
+            raise
+        output = base64.b64decode("".join(encoded_output)).decode(errors="replace")
+        return Result(command, output, int(line.split()[1]), self.accel, self.fallback_reason,
+                      self.init_seconds, self.peak_memory)
+
+
+def run(command, *, timeout=60.0, **options):
+    """Boot a VM, run one shell command, shut it down; the Result has QEMU's final peak memory."""
+    with VM(**options) as guest:
+        result = guest.run(command, timeout=timeout)
+    return dataclasses.replace(result, peak_memory=guest.peak_memory)
+
+
+@owners.sweeper(owners.WORKLOADS)
+def sweep():
+    """Kill the QEMUs and virtiofsds a crash left (their arguments name /run/cnlab/vm/...) and
+    remove their folders. Idempotent: nothing to do is success."""
+    root = STATE / "vm"
+    strays = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if (Path(argv[0]).name in (QEMU, "virtiofsd") and int(pid) != os.getpid()
+                and any(f"{root}/" in arg for arg in argv)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+            strays.append(pid)
+    deadline = time.monotonic() + 5
+    for pid in strays:   # a killed process's cmdline empties as it dies, even before it is reaped
+        while time.monotonic() < deadline:
+            try:
+                if not Path(f"/proc/{pid}/cmdline").read_bytes():
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
+    if root.is_dir():
+        for folder in root.iterdir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- VMs vs containers: what starting one costs ------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """One start measured: seconds until the payload's first process ran, and the memory it cost.
+
+    ``memory`` names what was counted, in bytes, e.g. {"QEMU peak RSS": ...}; ``note`` says
+    anything else a reader needs (which accelerator, and why).
+    """
+    seconds: float
+    memory: dict
+    note: str = ""
+
+    @property
+    def total_memory(self):
+        return sum(self.memory.values())
+
+
+def start_vm(**options):
+    """Boot a VM to its init and power it off: QEMU start to init, and QEMU's peak RSS."""
+    with VM(**options) as guest:
+        pass
+    note = guest.accel + (f": {guest.fallback_reason}" if guest.fallback_reason else "")
+    return Start(guest.init_seconds, {"QEMU peak RSS": guest.peak_memory}, note)
+
+
+def start_container(image=None):
+    """``docker run --rm`` a busybox container: time from the API call to its first output line.
+
+    Memory is the container's cgroup peak (its processes' pages: runc's init and the shell)
+    plus the RSS of its containerd shim, the one process the host keeps per container.
+    dockerd and containerd are shared by all containers and not counted.
+    """
+    import docker
+
+    from helpers.containers import images
+    image = image or images.busybox()
+    with contextlib.closing(images.client()) as client:
+        started = time.monotonic()
+        container = client.containers.run(
+            image, ["sh", "-c", f"echo {MARKER}; exec sleep 60"], detach=True, auto_remove=True,
+            name=names.name("vm-lab", secrets.token_hex(4)), labels={LABEL: "vm-lab"})
+        try:
+            if not any(MARKER.encode() in chunk for chunk in container.logs(stream=True, follow=True)):
+                raise LabError(f"the container exited without printing {MARKER!r}")
+            seconds = time.monotonic() - started
+            memory = client.api.stats(container.id, stream=False, one_shot=True)["memory_stats"]
+            peak = memory.get("max_usage", memory["usage"])   # cgroup v2 keeps no max_usage
+            shim = _shim_rss(container.id)
+        finally:
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                container.remove(force=True)         # auto_remove may be at it already
+    return Start(seconds, {"container cgroup peak": peak, "containerd shim RSS": shim})
+
+
+def start_sandbox():
+    """A container from scratch (``helpers.sandbox``): time until its command was exec'd, and
+    its cgroup's peak. No daemon, no shim: nothing else on the host is kept per container."""
+    from helpers.containers import sandbox
+    result = sandbox.run(["true"])
+    return Start(result.startup, {"container cgroup peak": result.memory_peak})
+
+
+def _shim_rss(container_id):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"containerd-shim" in argv[0] and container_id.encode() in argv:
+                with open(f"/proc/{pid}/status") as f:
+                    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return 0
+
+
+def measure(start, *, runs=5):
+    """Call ``start()`` ``runs`` times; a Start of the medians (each memory part separately)."""
+    starts = [start() for _ in range(runs)]
+    return Start(statistics.median(s.seconds for s in starts),
+                 {part: statistics.median(s.memory[part] for s in starts) for part in starts[0].memory},
+                 starts[0].note)
