@@ -27,7 +27,7 @@ MODULES = {
     **{m: f"helpers.notebook.{m}" for m in ("doctor", "labs", "magics", "widgets")},
 }
 
-__all__ = ["BadInput", "LabError", "LabTimeout", "MissingTool", "NeedsRoot", "NotFound",
+__all__ = ["BadInput", "LabError", "LabTimeout", "MissingTool", "NeedsRoot", "NotFound",  # noqa: PLE0604
            "NotSupported", "Refused", "Unavailable", "cleanup", "leftovers",
            "load_ipython_extension", *MODULES]
 

@@ -51,13 +51,13 @@ class Daemon:
         its status and log tail; ``LabTimeout`` after ``timeout``. Killed again on any failure."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
+            process = self.process = subprocess.Popen(
                 [*guard(), *self.argv], stdin=self.stdin, stdout=log, stderr=log, cwd=self.cwd,
                 env=procfs.marked_env(self.env), start_new_session=True, **popen)
         try:
             def up():
-                if self.process.poll() is not None:
-                    raise self.error(f"{self.what} exited with status {self.process.returncode}:\n"
+                if process.poll() is not None:
+                    raise self.error(f"{self.what} exited with status {process.returncode}:\n"
                                      f"{self.log_tail()}", fix=fix)
                 return ready()
             wait.until(up, timeout, f"{self.what} to become ready", interval=0.1,
@@ -75,7 +75,7 @@ class Daemon:
 
     def stop(self, timeout: float = 10.0):
         """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds; reaped."""
-        if self.running:
+        if self.process is not None and self.running:
             self.process.terminate()
             try:
                 self.process.wait(timeout)
@@ -85,9 +85,9 @@ class Daemon:
 
     def kill(self):
         """SIGKILL: a crash, as far as the daemon can tell."""
-        if self.running:
-            self.process.kill()
         if self.process is not None:
+            if self.running:
+                self.process.kill()
             self.process.wait()
         return self
 
