@@ -17,13 +17,11 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 from helpers.containers import cri, oci
-from helpers._core import names, owners
+from helpers._core import daemon, names, owners, procfs
 from helpers.errors import LabError, LabTimeout, MissingTool
 
 HOME = names.STATE / "containerd"   # everything of this instance lives here
@@ -116,36 +114,38 @@ def images():
     return layout
 
 
-def pid():
+def _is_daemon(p: procfs.Process) -> bool:
+    return p.line.startswith("containerd ") and f"--config {HOME / 'config.toml'}" in p.line
+
+
+def _is_shim(p: procfs.Process) -> bool:
+    return p.line.startswith("containerd-shim") and str(SOCKET) in p.line
+
+
+def pid() -> int | None:
     """The pid of the course's containerd, or None."""
-    wanted = f"--config {HOME / 'config.toml'}"
-    for p in _processes():
-        if p[1].startswith("containerd ") and wanted in p[1]:
-            return p[0]
-    return None
-
-
-def _processes():
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-            found.append((int(entry), " ".join([os.path.basename(args[0].decode())]
-                                               + [a.decode() for a in args[1:]])))
-    return found
+    return next((p.pid for p in procfs.processes(_is_daemon)), None)
 
 
 class Containerd:
-    """The course's containerd daemon; ``start()`` (or ``with``) runs it, ``stop()`` ends it."""
+    """The course's containerd daemon; ``start()`` (or ``with``) runs it, ``stop()`` ends it.
+
+    It runs as a ``helpers._core.daemon.Daemon``: it dies with the process that started it.
+    """
 
     address = str(SOCKET)
     namespace = NAMESPACE
 
     def __init__(self):
-        self.process = None
-        self.snapshotter = None
+        self.daemon: daemon.Daemon | None = None
+        self.snapshotter: str | None = None
 
-    def start(self, timeout=30):
+    @property
+    def process(self):
+        """The containerd process (a ``subprocess.Popen``) while it runs, else None."""
+        return self.daemon.process if self.daemon else None
+
+    def start(self, timeout: float = 30) -> "Containerd":
         """Write the config and the CNI network, start containerd, wait until its CRI plugin
         answers, then import the course's images. overlayfs is used where it works, else the
         ``native`` snapshotter (plain copies)."""
@@ -175,29 +175,14 @@ class Containerd:
         self.snapshotter = snapshotter
         # The pods' bridge lives as long as the daemon: made now, not by the first pod's CNI call.
         subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], capture_output=True)
-        with open(HOME / "containerd.log", "ab") as log:
-            self.process = subprocess.Popen(
-                ["containerd", "--config", str(HOME / "config.toml")], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=log, start_new_session=True)   # Ctrl-C in a cell spares it
-        deadline = time.monotonic() + timeout
+        self.daemon = daemon.Daemon(["containerd", "--config", HOME / "config.toml"],
+                                    log=HOME / "containerd.log", what="containerd",
+                                    error=ContainerdError)
         with cri.Client(self.address, timeout=2) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise ContainerdError(f"containerd exited with status {self.process.returncode}: "
-                                          f"{self.log(5)}", fix=f"read {HOME / 'containerd.log'}")
+            def answers():
                 with contextlib.suppress(cri.RuntimeUnavailable, LabTimeout):
-                    if SOCKET.exists() and client.version():
-                        return
-                if time.monotonic() > deadline:
-                    raise LabTimeout(f"containerd's CRI plugin did not answer within {timeout} s",
-                                     fix=f"read {HOME / 'containerd.log'}")
-                time.sleep(0.1)
-
-    def log(self, lines=20):
-        """The last lines containerd wrote to its log."""
-        with contextlib.suppress(FileNotFoundError):
-            return "\n".join((HOME / "containerd.log").read_text().splitlines()[-lines:])
-        return ""
+                    return SOCKET.exists() and client.version()
+            self.daemon.start(answers, timeout=timeout, fix=f"read {HOME / 'containerd.log'}")
 
     def _plugin_ok(self, kind, name):
         for line in self.ctr("plugins", "ls").splitlines()[1:]:
@@ -206,7 +191,7 @@ class Containerd:
                 return fields[-1] == "ok"
         return False
 
-    def ctr(self, *args, timeout=60):
+    def ctr(self, *args, timeout: float = 60) -> str:
         """Run ``ctr -a <our socket> -n k8s.io <args>`` and return what it printed."""
         command = ["ctr", "--address", self.address, "--namespace", self.namespace, *map(str, args)]
         try:
@@ -217,7 +202,7 @@ class Containerd:
             raise ContainerdError(f"`ctr {' '.join(map(str, args))}` failed: {done.stderr.strip()}")
         return done.stdout
 
-    def import_layout(self, layout):
+    def import_layout(self, layout) -> list[str]:
         """Import every image of an oci.Layout (as one OCI archive) and unpack it for the CRI."""
         archive = layout.archive(layout.path.with_suffix(".tar"))
         try:
@@ -226,13 +211,11 @@ class Containerd:
             archive.unlink()
         return sorted(layout.images())
 
-    def stop(self, timeout=10):
+    def stop(self, timeout: float = 10) -> None:
         """Remove every pod (through the CRI), stop containerd, its shims and mounts, remove
         its folder. Safe to call twice."""
-        _teardown(self.process.pid if self.process else pid(), timeout)
-        if self.process:
-            self.process.wait()
-        self.process = None
+        _teardown(self.daemon, timeout)
+        self.daemon = None
 
     def __enter__(self):
         return self.start()
@@ -241,15 +224,16 @@ class Containerd:
         self.stop()
 
 
-def _teardown(daemon, timeout=10):
-    if daemon and SOCKET.exists():
+def _teardown(server: daemon.Daemon | None, timeout=10):
+    """What ``stop()`` and ``sweep()`` share: ``server`` is ours to stop, or None after a crash
+    (then whatever containerd of ours runs is found by its command line)."""
+    if (server and server.running or pid()) and SOCKET.exists():
         with contextlib.suppress(LabError), cri.Client(str(SOCKET), timeout=timeout) as client:
             client.remove_all()
-    if daemon:
-        _end(daemon, timeout)
-    for p, args in _processes():      # shims outlive containerd on purpose: end ours
-        if args.startswith("containerd-shim") and str(SOCKET) in args:
-            _end(p, timeout)
+    if server:
+        server.stop(timeout)
+    daemon.strays(_is_daemon, timeout=timeout)
+    daemon.strays(_is_shim, timeout=timeout)    # shims outlive containerd on purpose: end ours
     runc_root = HOME / "runc" / NAMESPACE
     if runc_root.is_dir():            # containers a crashed shim left behind
         listed = subprocess.run(["runc", "--root", runc_root, "list", "-q"], capture_output=True,
@@ -257,43 +241,16 @@ def _teardown(daemon, timeout=10):
         for container in listed:
             subprocess.run(["runc", "--root", runc_root, "delete", "--force", container],
                            capture_output=True)
-    _unmount_under(HOME)
+    # container roots, pods' netns and shm
+    procfs.unmount(procfs.mount_points(lambda point: point.startswith(f"{HOME}/")))
     subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
     shutil.rmtree(HOME, ignore_errors=True)
-
-
-def _end(process, timeout):
-    """SIGTERM; SIGKILL if it is still alive after ``timeout`` seconds; return once it is gone."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(process):
-            if time.monotonic() > deadline:
-                os.kill(process, signal.SIGKILL)
-            time.sleep(0.05)
-
-
-def _alive(process):
-    """Running (a zombie, dead but not yet reaped by its parent, does not count)."""
-    try:
-        return Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _unmount_under(folder):
-    """Detach every mount under ``folder`` (container roots, pods' netns and shm), deepest first."""
-    prefix = str(folder) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = {line.split()[4] for line in f if line.split()[4].startswith(prefix)}
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @owners.sweeper(owners.RUNTIMES)
 def sweep():
     """Remove the course's containerd and everything it ran (pods, shims, mounts, bridge)."""
-    _teardown(pid())
+    _teardown(None)
 
 
 @owners.sweeper(owners.WORKLOADS)
