@@ -58,6 +58,20 @@ def processes(match: Callable[[Process], bool] = lambda p: True) -> Iterator[Pro
                 yield p
 
 
+def pids() -> list[int]:
+    """Every pid in /proc now: kernel threads and zombies included."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def parent(pid: int) -> int | None:
+    """The parent pid of ``pid`` (a zombie's too), or None once it is gone."""
+    stat = _read(f"/proc/{pid}/stat")
+    try:
+        return None if stat is None else int(stat.rsplit(b")", 1)[1].split()[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """Running: a zombie (dead, not yet reaped by its parent) does not count."""
     stat = _read(f"/proc/{pid}/stat")

@@ -12,6 +12,7 @@ and a caller that forks for itself (helpers.sandbox) can use ``flags()``, ``Name
 and ``write_id_maps`` directly.
 """
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers._core import libc, names, owners
+from helpers._core import libc, names, owners, procfs
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
 
 # The name of each namespace type in /proc/<pid>/ns, and the flag that creates one.
@@ -51,6 +52,7 @@ _NS_GET_NSTYPE = 0xB703           # ioctl(2) on a namespace fd: which CLONE_NEW*
 NETNS_DIR = Path("/run/netns")    # where `ip netns` and pyroute2 keep named network namespaces
 DEFAULT_ID_MAP = ((0, 100_000, 65_536),)   # root inside = uid 100000 outside, like /etc/subuid
 _CLOCKS = ("monotonic", "boottime")        # the clocks a time namespace can offset
+_PR_SET_NAME = 15                          # prctl(2): this thread's name, /proc/<pid>/comm
 
 
 def probe(kind):
@@ -161,11 +163,11 @@ def namespaces(pid="self"):
     pid = os.getpid() if pid == "self" else int(pid)
     mine = {kind: _inode(pid, kind) for kind in NAMESPACES}
     sharing = {kind: [] for kind in NAMESPACES}
-    for other in filter(str.isdigit, os.listdir("/proc")):
+    for other in procfs.pids():
         for kind, inode in mine.items():
             try:
                 if _inode(other, kind) == inode:
-                    sharing[kind].append(int(other))
+                    sharing[kind].append(other)
             except OSError:       # gone, or a kernel thread without this link
                 pass
     return [NsInfo(kind, mine[kind], tuple(sorted(sharing[kind]))) for kind in NAMESPACES]
@@ -185,15 +187,7 @@ def children(pid=None):
     """The pids of the children of ``pid`` (default: this process), zombies included: what
     ``start()`` left running or unreaped. A notebook checks it is empty at the end."""
     pid = os.getpid() if pid is None else int(pid)
-    found = []
-    for other in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{other}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:     # the field after the state
-            found.append(int(other))
-    return sorted(found)
+    return sorted(other for other in procfs.pids() if procfs.parent(other) == pid)
 
 
 # --- running in a child -----------------------------------------------------------------------
@@ -225,6 +219,9 @@ def start(target, *args, new=(), join=None, cgroup=None, hostname=None, uid_map=
     PID 1; with new "pid" and "mnt" it gets its own /proc. ``hostname`` is set in a new UTS
     namespace, ``clocks`` ({"monotonic"|"boottime": seconds}) offsets a new time namespace.
     Returns a running Child once the target is set up; errors in setup are raised here.
+
+    Every process it makes carries the course's mark, so a leak check finds a forgotten one: a
+    command gets it in its environment, a forked child that runs a callable is named ``cnlab``.
     """
     new = tuple(new)
     flags(new)
@@ -234,13 +231,14 @@ def start(target, *args, new=(), join=None, cgroup=None, hostname=None, uid_map=
         if "user" in new:
             uid_map = _id_map(uid_map if uid_map is not None else DEFAULT_ID_MAP, "uid_map")
             gid_map = _id_map(gid_map if gid_map is not None else uid_map, "gid_map")
+        env = procfs.marked_env()           # the mark names this process as the owner
         records_r, records_w = os.pipe()
         output_r, output_w = os.pipe()
         go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(records_r), os.close(output_r), os.close(go_w)
-            _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks,
+            _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env,
                     records_w, output_w, go_r)
         os.close(records_w), os.close(output_w), os.close(go_r)
     finally:
@@ -458,9 +456,17 @@ def _send(fd, *record):
         data = data[os.write(fd, data):]
 
 
-def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, records, output, go):
+def _mark_forked():
+    """Name this forked process ``cnlab`` (its /proc/<pid>/comm), which ``procfs.marked`` knows:
+    a fork keeps the parent's environment as the kernel shows it, so it cannot carry the mark."""
+    name = ctypes.create_string_buffer(procfs.COMM.encode())
+    libc.prctl(_PR_SET_NAME, ctypes.addressof(name))
+
+
+def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, records, output, go):
     code = 1
     try:
+        _mark_forked()                     # and the grandchild it may fork inherits the name
         os.setsid()                        # its own session and process group, for Child.kill()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0), os.dup2(output, 1), os.dup2(output, 2)
@@ -504,7 +510,7 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, record
                 os.setpgid(0, 0)           # its own process group, for Child.kill()
             else:
                 _send(records, "pid", os.getpid())
-            code = _target(target, args, new, hostname, records)
+            code = _target(target, args, new, hostname, env, records)
     except BaseException as e:
         _send(records, "error", e, traceback.format_exc())
     finally:
@@ -513,7 +519,7 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, record
         os._exit(code)
 
 
-def _target(target, args, new, hostname, records):
+def _target(target, args, new, hostname, env, records):
     """Finish the set-up as the process that runs the target; return its exit code."""
     if "pid" in new and "mnt" in new:      # a /proc that shows this PID namespace
         libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
@@ -521,7 +527,7 @@ def _target(target, args, new, hostname, records):
         socket.sethostname(hostname)
     _send(records, "ready")
     if not callable(target):
-        os.execvp(target[0], [os.fspath(a) for a in target])
+        os.execvpe(target[0], [os.fspath(a) for a in target], env)
     try:
         value = target(*args)
     except SystemExit as e:
