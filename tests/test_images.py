@@ -8,13 +8,12 @@ accepts connections and never replies.
 import contextlib
 import shutil
 import socket
-import subprocess
 import threading
-import time
 
 import pytest
 
 from helpers import images, resources
+from helpers._core import daemon
 from helpers.errors import BadInput, LabError, LabTimeout
 
 NOWHERE = "unix:///run/cnlab/nothing.sock"
@@ -111,36 +110,44 @@ def test_an_engine_that_does_not_answer_is_a_lab_timeout(silent_engine):
     assert not isinstance(caught.value, requests.exceptions.RequestException)
 
 
-@pytest.fixture
-def private_engine():
-    """A dockerd of the test's own (no bridge, no iptables), under the course's state folder, in
-    network and mount namespaces of its own: on the host's, its start would delete docker0."""
-    where = resources.state_dir("docker-test")
+def private_engine(where) -> daemon.Daemon:
+    """A dockerd of its own (no bridge, no iptables) with its files in ``where``, in network and
+    mount namespaces of its own (on the host's, its start would delete docker0), run as the course
+    runs every daemon: it dies with the process that started it (test_daemons kills one so)."""
     url = f"unix://{where}/docker.sock"
-    engine = subprocess.Popen(
-        ["unshare", "--net", "--mount", "--propagation", "private", "dockerd", "--host", url, "--data-root", f"{where}/data", "--exec-root", f"{where}/exec",
-         "--pidfile", f"{where}/docker.pid", "--bridge", "none", "--iptables=false", "--ip-masq=false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answers():
+        with contextlib.suppress(images.EngineUnavailable):
+            images.client(timeout=2, base_url=url).close()
+            return url
+    engine = daemon.Daemon(
+        ["unshare", "--net", "--mount", "--propagation", "private", "dockerd", "--host", url,
+         "--data-root", f"{where}/data", "--exec-root", f"{where}/exec", "--pidfile", f"{where}/docker.pid",
+         "--bridge", "none", "--iptables=false", "--ip-masq=false"],
+        log=where / "dockerd.log", what="the private dockerd")
+    return engine.start(answers, timeout=30)
+
+
+@pytest.fixture
+def private():
+    where = resources.state_dir("docker-test")
     try:
-        for _ in range(100):
-            with contextlib.suppress(images.EngineUnavailable):
-                images.client(timeout=2, base_url=url).close()
-                break
-            time.sleep(0.1)
-        yield url, engine
+        engine = private_engine(where)
+        try:
+            yield f"unix://{where}/docker.sock", engine
+        finally:
+            engine.stop(timeout=30)
     finally:
-        engine.terminate()
-        engine.wait(timeout=30)
         shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.mark.requires("root", "docker")
-def test_an_engine_that_stops_is_engine_unavailable_saying_how_to_start_it(private_engine, monkeypatch):
-    url, engine = private_engine
+def test_an_engine_that_stops_is_engine_unavailable_saying_how_to_start_it(private, monkeypatch):
+    url, engine = private
     with contextlib.closing(images.client(base_url=url)) as client:
         assert client.version()["Version"]
-    engine.terminate()
-    engine.wait(timeout=30)
+    engine.stop(timeout=30)
+    assert not engine.running
     with pytest.raises(images.EngineUnavailable, match="start it with `sudo dockerd"):
         images.client(base_url=url)
     monkeypatch.setenv("DOCKER_HOST", url)
