@@ -21,8 +21,7 @@ MODULES = {
     **{m: f"helpers.virt.{m}" for m in ("kvm", "paravirt", "vm", "initramfs", "compare")},
     **{m: f"helpers.containers.{m}" for m in ("ns", "cgroups", "rootfs", "oci", "runc", "engine",
                                               "images", "containerd", "cri", "sandbox")},
-    **{m: f"helpers.orchestration.{m}" for m in ("swarm", "etcd", "controller", "websites",
-                                                 "apiserver", "hosts")},
+    **{m: f"helpers.orchestration.{m}" for m in ("swarm", "etcd", "controller", "websites", "apiserver")},
     **{m: f"helpers.kubernetes.{m}" for m in ("cluster", "kind", "operator")},
     **{m: f"helpers.notebook.{m}" for m in ("doctor", "labs", "magics", "widgets")},
 }

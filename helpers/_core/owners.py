@@ -7,6 +7,7 @@ the mess: adding a module touches nothing here.
 
 Sweeps run by ``stage``: what runs inside something else goes first.
 """
+import functools
 import importlib
 import pkgutil
 from pathlib import Path
@@ -27,14 +28,37 @@ _listers: list[Callable[[], list[str]]] = []
 _kept: list[Path] = []
 
 
+_journal: list[str] | None = None    # while a journal is open: what each sweep removed
+
+
 def sweeper(stage: int):
     """Decorator: ``fn()`` removes what its module made and a crash left; it must be idempotent."""
     def register(fn):
         key = f"{fn.__module__}.{fn.__qualname__}"
+
+        @functools.wraps(fn)
+        def sweep(*args, **kwargs):
+            if _journal is None:
+                return fn(*args, **kwargs)
+            before = set(leftovers())
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if _journal is not None:
+                    _journal.extend(f"{key}() removed {item}" for item in before - set(leftovers()))
         if all(k != key for _, k, _ in _sweeps):
-            _sweeps.append((stage, key, fn))
-        return fn
+            _sweeps.append((stage, key, sweep))
+        return sweep
     return register
+
+
+def journal(on: bool) -> list[str]:
+    """Open (``on``) or close the journal of what sweeps removed; return what it holds. The test
+    plugin opens it around a test's teardown, so a fixture that sweeps up its test's leak still
+    fails that test."""
+    global _journal
+    held, _journal = _journal or [], ([] if on else None)
+    return held
 
 
 def lister(fn: Callable[[], list[str]]):
