@@ -642,12 +642,16 @@ _HELLO = {"real": "hello", "protected": "protected", "long": "long"}
 
 @functools.cache
 def refused(mode):
-    """None if this machine's KVM runs ``mode`` guests, else why not (for skips and notebooks)."""
+    """None if this machine's KVM runs ``mode`` guests, else why not (for skips and notebooks).
+
+    Only the hypervisor's refusals count: an ioctl it fails, or an entry it rejects. A triple
+    fault or an unhandled exit is the guest program's own fault, and raises.
+    """
     try:
         with VM() as vm:
             vm.load(guest(_HELLO[mode]))
             vm.vcpu(mode=mode).run(max_exits=1000)
-    except (GuestError, OSError, NotSupported) as e:
+    except (EntryFailed, OSError, NotSupported) as e:
         return f"{mode} mode refused by this machine's KVM: {e}"
     return None
 
