@@ -9,16 +9,16 @@ and its cgroup's peak memory plus its containerd shim's RSS.
 """
 import sys
 
-from helpers import vm
+from helpers import compare
 
 STARTERS = {
-    "VM (QEMU)": vm.start_vm,
-    "container (docker run --rm)": vm.start_container,
+    "VM (QEMU)": compare.start_vm,
+    "container (docker run --rm)": compare.start_container,
 }
 
 
 def main(runs=3):
-    measured = {what: vm.measure(start, runs=runs) for what, start in STARTERS.items()}
+    measured = {what: compare.measure(start, runs=runs) for what, start in STARTERS.items()}
     print(f"vm_vs_container: medians of {runs} starts each")
     print(f"  {'':30} {'start':>9} {'memory':>11}   counted")
     for what, start in measured.items():

@@ -23,19 +23,16 @@ import re
 import secrets
 import select
 import shutil
-import signal
 import socket
-import statistics
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 from helpers.virt import initramfs
-from helpers._core import names, owners
+from helpers._core import daemon, names, owners, procfs, wait
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool, NeedsRoot
-from helpers._core.names import CACHE, LABEL, STATE
+from helpers._core.names import CACHE, STATE
 
 KERNEL = CACHE / "kernel" / "vmlinuz"
 MODULES = CACHE / "kernel" / "modules"      # <version>/ as in /lib/modules
@@ -123,16 +120,6 @@ def kernel_version(path=KERNEL):
         offset, = struct.unpack("<H", f.read(2))
         f.seek(offset + 0x200)
         return f.read(256).split(b"\0", 1)[0].split()[0].decode()
-
-
-def _orphan_guard():
-    """A prefix that makes the kernel kill the child when its parent dies (a restarted Jupyter
-    kernel, a killed pytest), so that no QEMU outlives its owner until the next sweep.
-
-    Strictly, the parent is the *thread* that started it; the labs start VMs from the main one.
-    """
-    setpriv = shutil.which("setpriv")        # util-linux: on every Debian and Ubuntu
-    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
 
 
 def _kvm_unusable():
@@ -234,9 +221,7 @@ class VM:
         try:
             if self._serial is not None and self._poll() is None:
                 self._serial.sendall(b"poweroff\n")
-                deadline = time.monotonic() + 10
-                while self._poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                self._exited(10)
         except OSError:
             pass   # QEMU is gone already: kill() reaps it
         finally:
@@ -251,7 +236,6 @@ class VM:
                 self._status = self._proc.returncode = os.waitstatus_to_exitcode(status)
         if self._virtiofsd is not None:
             self._virtiofsd.kill()
-            self._virtiofsd.wait()
             self._virtiofsd = None
         for conn in (self._serial, self._console):
             if conn is not None:
@@ -265,12 +249,20 @@ class VM:
 
     def _poll(self):
         """QEMU's exit status, or None while it runs. Reaps it with wait4 to keep its rusage."""
+        if self._status is None and self._proc.returncode is not None:
+            self._status = self._proc.returncode     # reaped by Popen already: no rusage
         if self._status is None:
             pid, status, usage = os.wait4(self._proc.pid, os.WNOHANG)
             if pid:
                 self._status = self._proc.returncode = os.waitstatus_to_exitcode(status)
                 self._rusage = usage
         return self._status
+
+    def _exited(self, timeout):
+        """Give QEMU ``timeout`` seconds to exit on its own; True if it did."""
+        with contextlib.suppress(LabTimeout):
+            return wait.until(lambda: self._poll() is not None, timeout, "QEMU to exit", interval=0.01)
+        return False
 
     @property
     def pid(self):
@@ -292,9 +284,10 @@ class VM:
         if self._proc is None:
             return None
         if self._poll() is not None:
-            return self._rusage.ru_maxrss * 1024
-        with open(f"/proc/{self._proc.pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+            return self._rusage.ru_maxrss * 1024 if self._rusage else None
+        status = procfs.read_text(f"/proc/{self._proc.pid}/status") or ""
+        return next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                     if line.startswith("VmHWM:")), None)
 
     # -- booting ------------------------------------------------------------------------
     def _launch(self, accel, limit):
@@ -313,17 +306,30 @@ class VM:
                 listeners[channel].listen(1)
             self.argv = self._argv(accel)
             started = time.monotonic()
-            deadline = started + limit
-            with open(self.dir / "qemu.log", "wb") as log:
-                self._proc = subprocess.Popen(_orphan_guard() + self.argv, stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL, stderr=log)
-            self._console = self._accept(listeners.pop("console"), deadline, accel, limit)
-            self._serial = self._accept(listeners.pop("serial"), deadline, accel, limit)
+            self._proc = daemon.Daemon(self.argv, log=self.dir / "qemu.log", what="QEMU").start().process
             marker = threading.Event()
-            self._reader = threading.Thread(target=self._read_console, daemon=True,
-                                            args=(self._console, started, marker))
-            self._reader.start()
-            self._wait(marker.is_set, deadline, accel, limit)
+
+            def booted():
+                """QEMU connects its serial ports to our sockets as it starts; then init speaks."""
+                self._check()
+                for channel, listener in list(listeners.items()):
+                    if not select.select([listener], [], [], 0)[0]:
+                        continue
+                    with listeners.pop(channel):
+                        conn = listener.accept()[0]
+                    if channel == "serial":
+                        self._serial = conn
+                    else:
+                        self._console = conn
+                        self._reader = threading.Thread(target=self._read_console, daemon=True,
+                                                        args=(conn, started, marker))
+                        self._reader.start()
+                return marker.is_set()
+            wait.until(booted, limit, f"the guest to reach its init ({accel})", interval=0.005,
+                       detail=lambda: "last console lines: "
+                                      + (" | ".join(list(self.console)[-5:]) or "(none)"),
+                       fix="give it a longer timeout=, or read the console for a kernel panic")
+            deadline = started + limit
             self._buffer = b""
             while self._readline(deadline) != "cnlab-ready":
                 pass
@@ -354,40 +360,18 @@ class VM:
         vhost-user lets virtiofsd read and write the guest's RAM directly, so that RAM must
         be a shared memory file (memfd) rather than QEMU's private memory.
         """
-        daemon = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None)
-        if daemon is None:
+        program = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None)
+        if program is None:
             raise MissingTool("virtiofsd", package="virtiofsd")
         path = self.dir / "fs.sock"
-        with open(self.dir / "virtiofsd.log", "wb") as log:
-            argv = [daemon, f"--socket-path={path}", "-o", f"source={self.share}", "-o", "cache=none"]
-            self._virtiofsd = subprocess.Popen(_orphan_guard() + argv, stdin=subprocess.DEVNULL,
-                                               stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 5
-        while not path.exists():
-            if self._virtiofsd.poll() is not None or time.monotonic() > deadline:
-                log = (self.dir / "virtiofsd.log").read_text(errors="replace").strip()
-                raise LabError(f"virtiofsd did not start: {log[-300:]}")
-            time.sleep(0.01)
+        self._virtiofsd = daemon.Daemon(
+            [program, f"--socket-path={path}", "-o", f"source={self.share}", "-o", "cache=none"],
+            log=self.dir / "virtiofsd.log", what="virtiofsd")
+        self._virtiofsd.start(path.exists, timeout=5)
         return ["-chardev", f"socket,id=fs,path={path}",
                 "-device", "vhost-user-fs-pci,chardev=fs,tag=host0",
                 "-object", f"memory-backend-memfd,id=mem,size={self.mib}M,share=on",
                 "-machine", "memory-backend=mem"]
-
-    def _accept(self, listener, deadline, accel, limit):
-        """QEMU connects its serial ports to our sockets as it starts."""
-        with listener:
-            self._wait(lambda: select.select([listener], [], [], 0)[0], deadline, accel, limit)
-            return listener.accept()[0]
-
-    def _wait(self, done, deadline, accel, limit):
-        while not done():
-            self._check()
-            if time.monotonic() > deadline:
-                raise LabTimeout(
-                    f"the guest did not reach its init within {limit:g} s ({accel}); "
-                    f"last console lines: {' | '.join(list(self.console)[-5:]) or '(none)'}",
-                    fix="give it a longer timeout=, or read the console for a kernel panic")
-            time.sleep(0.005)
 
     def _check(self):
         """Raise if QEMU has exited: BootFailed while booting, LabError once init was up."""
@@ -425,16 +409,14 @@ class VM:
         """One line from ttyS1, waiting until ``deadline``."""
         while b"\n" not in self._buffer:
             self._check()
-            remaining = deadline - time.monotonic()
+            remaining = wait.remaining(deadline)
             if remaining <= 0:
                 raise LabTimeout("the guest did not answer in time")
             self._serial.settimeout(min(remaining, 0.2))
             with contextlib.suppress(TimeoutError):
                 chunk = self._serial.recv(65536)
                 if not chunk:   # QEMU closed the port as it exits: wait to say why
-                    until = time.monotonic() + 2
-                    while self._poll() is None and time.monotonic() < until:
-                        time.sleep(0.01)
+                    self._exited(2)
                     self._check()
                     raise LabError("the guest's serial port closed, and QEMU still runs")
                 self._buffer += chunk
@@ -488,106 +470,8 @@ def sweep():
     """Kill the QEMUs and virtiofsds a crash left (their arguments name /run/cnlab/vm/...) and
     remove their folders. Idempotent: nothing to do is success."""
     root = STATE / "vm"
-    strays = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if (Path(argv[0]).name in (QEMU, "virtiofsd") and int(pid) != os.getpid()
-                and any(f"{root}/" in arg for arg in argv)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-            strays.append(pid)
-    deadline = time.monotonic() + 5
-    for pid in strays:   # a killed process's cmdline empties as it dies, even before it is reaped
-        while time.monotonic() < deadline:
-            try:
-                if not Path(f"/proc/{pid}/cmdline").read_bytes():
-                    break
-            except OSError:
-                break
-            time.sleep(0.01)
+    daemon.strays(lambda p: os.path.basename(p.argv[0]) in (QEMU, "virtiofsd")
+                  and any(f"{root}/" in arg for arg in p.argv))
     if root.is_dir():
         for folder in root.iterdir():
             shutil.rmtree(folder, ignore_errors=True)
-
-
-# -- VMs vs containers: what starting one costs ------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Start:
-    """One start measured: seconds until the payload's first process ran, and the memory it cost.
-
-    ``memory`` names what was counted, in bytes, e.g. {"QEMU peak RSS": ...}; ``note`` says
-    anything else a reader needs (which accelerator, and why).
-    """
-    seconds: float
-    memory: dict
-    note: str = ""
-
-    @property
-    def total_memory(self):
-        return sum(self.memory.values())
-
-
-def start_vm(**options):
-    """Boot a VM to its init and power it off: QEMU start to init, and QEMU's peak RSS."""
-    with VM(**options) as guest:
-        pass
-    note = guest.accel + (f": {guest.fallback_reason}" if guest.fallback_reason else "")
-    return Start(guest.init_seconds, {"QEMU peak RSS": guest.peak_memory}, note)
-
-
-def start_container(image=None):
-    """``docker run --rm`` a busybox container: time from the API call to its first output line.
-
-    Memory is the container's cgroup peak (its processes' pages: runc's init and the shell)
-    plus the RSS of its containerd shim, the one process the host keeps per container.
-    dockerd and containerd are shared by all containers and not counted.
-    """
-    import docker
-
-    from helpers.containers import images
-    image = image or images.busybox()
-    with contextlib.closing(images.client()) as client:
-        started = time.monotonic()
-        container = client.containers.run(
-            image, ["sh", "-c", f"echo {MARKER}; exec sleep 60"], detach=True, auto_remove=True,
-            name=names.name("vm-lab", secrets.token_hex(4)), labels={LABEL: "vm-lab"})
-        try:
-            if not any(MARKER.encode() in chunk for chunk in container.logs(stream=True, follow=True)):
-                raise LabError(f"the container exited without printing {MARKER!r}")
-            seconds = time.monotonic() - started
-            memory = client.api.stats(container.id, stream=False, one_shot=True)["memory_stats"]
-            peak = memory.get("max_usage", memory["usage"])   # cgroup v2 keeps no max_usage
-            shim = _shim_rss(container.id)
-        finally:
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                container.remove(force=True)         # auto_remove may be at it already
-    return Start(seconds, {"container cgroup peak": peak, "containerd shim RSS": shim})
-
-
-def start_sandbox():
-    """A container from scratch (``helpers.sandbox``): time until its command was exec'd, and
-    its cgroup's peak. No daemon, no shim: nothing else on the host is kept per container."""
-    from helpers.containers import sandbox
-    result = sandbox.run(["true"])
-    return Start(result.startup, {"container cgroup peak": result.memory_peak})
-
-
-def _shim_rss(container_id):
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"containerd-shim" in argv[0] and container_id.encode() in argv:
-                with open(f"/proc/{pid}/status") as f:
-                    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    return 0
-
-
-def measure(start, *, runs=5):
-    """Call ``start()`` ``runs`` times; a Start of the medians (each memory part separately)."""
-    starts = [start() for _ in range(runs)]
-    return Start(statistics.median(s.seconds for s in starts),
-                 {part: statistics.median(s.memory[part] for s in starts) for part in starts[0].memory},
-                 starts[0].note)
