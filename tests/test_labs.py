@@ -85,10 +85,14 @@ def test_plugin_fails_a_test_that_leaks_and_sweeps_it(pytester, monkeypatch):
     assert not any(f"leaktest-{os.getpid()}" in line for line in open("/proc/self/mountinfo"))
 
 
-@pytest.mark.parametrize("mode, outcome", [("lax", {"passed": 1}), ("strict", {"failed": 1})])
-def test_a_lax_notebook_compares_only_marked_cells(pytester, mode, outcome):
+@pytest.mark.parametrize("mode, source, outcome", [
+    ("lax", "print(2)", {"passed": 1}),                      # a different output is not compared
+    ("strict", "print(2)", {"failed": 1}),                   # ... where it is
+    ("lax", "assert 1 + 1 == 3, 'the check cell'", {"failed": 1}),   # a failing check still fails
+])
+def test_a_lax_notebook_compares_no_output_but_runs_every_check(pytester, mode, source, outcome):
     pytester.makeconftest(open(labs.LABS.parent / "tests" / "conftest.py").read())
-    cell = nbformat.v4.new_code_cell("print(2)", execution_count=1, outputs=[
+    cell = nbformat.v4.new_code_cell(source, execution_count=1, outputs=[
         nbformat.v4.new_output("stream", name="stdout", text="1\n")])
     nb = nbformat.v4.new_notebook(cells=[cell], metadata={"cnlab": {"requires": [], "nbval": mode}})
     nbformat.write(nb, pytester.path / "lab.ipynb")
