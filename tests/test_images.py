@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from helpers import images, resources
+from helpers import engine, images, resources
 from helpers._core import daemon
 from helpers.errors import BadInput, LabError, LabTimeout
 
@@ -73,7 +73,7 @@ def test_docker_host_is_honoured_everywhere(monkeypatch):
     for call in (images.client, images.busybox, lambda: images.layers("cnlab/busybox:latest")):
         with pytest.raises(images.EngineUnavailable):
             call()
-    images.sweep()                                      # nothing to sweep where there is no engine
+    engine.sweep()                                      # nothing to sweep where there is no engine
 
 
 @pytest.fixture

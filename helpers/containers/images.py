@@ -22,13 +22,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers._core import owners
-from helpers.containers import cgroups, ns
-from helpers import errors
-from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
+from helpers.containers import cgroups, engine, ns
+from helpers.containers.engine import (  # noqa: F401  the Docker client, re-exported for the labs
+    EngineTimeout, EngineUnavailable, ImageMissing, client)
+from helpers.errors import BadInput, MissingTool
 from helpers._core.names import LABEL, PREFIX
 
-BUSYBOX = f"{PREFIX}/busybox"
+BUSYBOX = engine.BUSYBOX
 OWNER = {LABEL: "images"}             # on what this module builds and runs
 MIN_MEMORY = 6 * 2**20                # Docker refuses a memory limit below 6 MiB
 
@@ -40,87 +40,6 @@ CMD ["/bin/sh"]
 """ % LABEL.encode()
 _REF = re.compile(rf"{PREFIX}/[a-z0-9]+(?:[._-][a-z0-9]+)*:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
 _MEMORY = re.compile(r"(\d+)([bkmg]?)", re.IGNORECASE)
-
-
-class EngineUnavailable(errors.Unavailable):
-    def __init__(self, where=None):
-        super().__init__(f"no Docker engine answers{f' at {where}' if where else ''}",
-                         fix="start it with `sudo dockerd &` (or run `make test` as root, which does)")
-
-
-class EngineTimeout(EngineUnavailable, LabTimeout):
-    """Something listens on the engine's socket but does not answer in time. Both an
-    EngineUnavailable (callers that only check for an engine keep working) and a LabTimeout."""
-
-    def __init__(self, where, timeout):
-        LabError.__init__(self, f"the Docker engine{f' at {where}' if where else ''} did not answer "
-                                f"within {timeout} s",
-                          fix="is dockerd stuck? read its log, or pass a larger timeout=")
-
-
-class ImageMissing(errors.NotFound):
-    """The image is not on this engine, and no registry is reachable to pull it from."""
-
-    def __init__(self, ref):
-        how = ("images.busybox()" if ref.startswith(BUSYBOX) else
-               f"images.build({ref.split('@')[0]!r}, dockerfile, files)")
-        super().__init__(f"image {ref} is not on this Docker engine (nothing can be pulled here)",
-                         fix=f"build it first: {how}")
-        self.ref = ref
-
-
-def _timed_out(error):
-    """True if a timeout is anywhere in the error's chain: docker-py's unix socket adapter
-    reports a read timeout as a ConnectionError wrapping urllib3's ReadTimeoutError."""
-    import requests
-    import urllib3
-    timeouts = (TimeoutError, urllib3.exceptions.TimeoutError, requests.exceptions.Timeout)
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, timeouts):
-            return True
-        inner = error.args[0] if error.args and isinstance(error.args[0], BaseException) else None
-        error = inner or error.__cause__ or error.__context__
-    return False
-
-
-@contextlib.contextmanager
-def _errors(what, ref=None, timeout=None):
-    """Turn docker-py's and requests' exceptions into the course's."""
-    import docker
-    import requests
-    try:
-        yield
-    except docker.errors.ImageNotFound as e:
-        raise ImageMissing(ref or str(e)) from e
-    except docker.errors.BuildError as e:
-        raise LabError(f"{what} failed: {e.msg}", fix="read the build log above the error") from e
-    except docker.errors.APIError as e:        # before RequestException: it is an HTTPError too
-        raise LabError(f"{what}: {e.explanation}") from e
-    except requests.exceptions.RequestException as e:
-        if _timed_out(e):
-            raise LabTimeout(f"{what}: the Docker engine did not answer within {timeout} s",
-                             fix="pass a larger timeout=, or see whether dockerd is overloaded") from e
-        raise EngineUnavailable() from e
-
-
-def client(timeout=60, base_url=None):
-    """A docker-py client (``base_url``, else DOCKER_HOST, else the default socket). Nothing
-    listening there: EngineUnavailable; something listening that does not answer within
-    ``timeout`` seconds: EngineTimeout (an EngineUnavailable that is also a LabTimeout)."""
-    import docker
-    import requests
-    where = base_url or os.environ.get("DOCKER_HOST")
-    try:
-        c = (docker.DockerClient(base_url=base_url, timeout=timeout) if base_url
-             else docker.from_env(timeout=timeout))
-        c.ping()
-        return c
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
-        if _timed_out(e):
-            raise EngineTimeout(where, timeout) from e
-        raise EngineUnavailable(where) from e
 
 
 def _context(dockerfile, files):
@@ -146,10 +65,10 @@ def busybox(tag="latest"):
     if path is None:
         raise MissingTool("busybox", package="busybox-static")
     with contextlib.closing(client()) as c:
-        with contextlib.suppress(ImageMissing), _errors(f"looking up {ref}", ref=ref):
+        with contextlib.suppress(ImageMissing), engine.calling(f"looking up {ref}", ref=ref):
             c.images.get(ref)
             return ref
-        with _errors(f"building {ref}", timeout=60):
+        with engine.calling(f"building {ref}", timeout=60):
             c.images.build(fileobj=_context(BUSYBOX_DOCKERFILE, {"busybox": Path(path)}),
                            custom_context=True, tag=ref, rm=True, forcerm=True)
     return ref
@@ -172,9 +91,9 @@ def build(ref, dockerfile, files=None, *, timeout=120):
                                                               "an image built here, e.g. images.busybox()")
     with contextlib.closing(client(timeout)) as c:
         if base[1] != "scratch":
-            with _errors(f"looking up {base[1]}", ref=base[1], timeout=timeout):
+            with engine.calling(f"looking up {base[1]}", ref=base[1], timeout=timeout):
                 c.images.get(base[1])
-        with _errors(f"building {ref}", timeout=timeout):
+        with engine.calling(f"building {ref}", timeout=timeout):
             c.images.build(fileobj=_context(dockerfile, files or {}), custom_context=True, tag=ref,
                            labels=OWNER, rm=True, forcerm=True, pull=False)
     return ref
@@ -193,7 +112,7 @@ def layers(ref):
     """The image's history, oldest first, each step with the layer it added (if any).
     The history API does not say which steps made a layer; the image's config does, so the
     config is read from ``docker save`` (the same JSON an OCI image config holds)."""
-    with contextlib.closing(client()) as c, _errors(f"reading {ref}", ref=ref):
+    with contextlib.closing(client()) as c, engine.calling(f"reading {ref}", ref=ref):
         image = c.images.get(ref)
         archive = b"".join(image.save(named=False))
         sizes = [h["Size"] for h in reversed(image.history())]
@@ -208,7 +127,7 @@ def layers(ref):
 def remove_image(ref):
     """Remove an image this module built ("already gone" is fine)."""
     import docker
-    with contextlib.closing(client()) as c, _errors(f"removing {ref}", ref=ref):
+    with contextlib.closing(client()) as c, engine.calling(f"removing {ref}", ref=ref):
         with contextlib.suppress(docker.errors.ImageNotFound):
             c.images.remove(_ref(ref), force=True)
 
@@ -274,23 +193,23 @@ class Container:
 
     def exec(self, command):
         """Run a command inside; return (exit code, output)."""
-        with _errors(f"exec in {self.name}", timeout=self.timeout):
+        with engine.calling(f"exec in {self.name}", timeout=self.timeout):
             code, output = self.docker.exec_run(command)
         return code, output.decode(errors="replace")
 
     def wait(self, timeout=None):
         """Wait for the container to end; return its exit status (137: it was SIGKILLed)."""
         timeout = timeout or self.timeout
-        with _errors(f"waiting for {self.name}", timeout=timeout):
+        with engine.calling(f"waiting for {self.name}", timeout=timeout):
             return self.docker.wait(timeout=timeout)["StatusCode"]
 
     def logs(self):
-        with _errors(f"logs of {self.name}", timeout=self.timeout):
+        with engine.calling(f"logs of {self.name}", timeout=self.timeout):
             return self.docker.logs().decode(errors="replace")
 
     def remove(self):
         import docker
-        with _errors(f"removing {self.name}", timeout=self.timeout), \
+        with engine.calling(f"removing {self.name}", timeout=self.timeout), \
                 contextlib.suppress(docker.errors.NotFound):
             self.docker.remove(force=True)
 
@@ -311,9 +230,9 @@ def run(image, command=None, *, name=None, memory=None, cpus=None, pids=None, ti
     if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", name):
         raise BadInput(f"{name!r} is not a container name", fix="use letters, digits, '.', '-', '_'")
     with contextlib.closing(client(timeout)) as c:
-        with _errors(f"looking up {image}", ref=image, timeout=timeout):
+        with engine.calling(f"looking up {image}", ref=image, timeout=timeout):
             c.images.get(image)
-        with _errors(f"starting a container of {image}", ref=image, timeout=timeout):
+        with engine.calling(f"starting a container of {image}", ref=image, timeout=timeout):
             started = c.containers.run(image, command, name=f"{PREFIX}-{name}", detach=True,
                                        labels=OWNER, **limits, **options)
     return Container(started, timeout)
@@ -348,37 +267,3 @@ def host_view(container, host="self"):
     return HostView(pid, {k: (theirs[k], ours[k]) for k in theirs}, folders, **limits)
 
 
-@owners.lister
-def leftovers():
-    """Containers, networks, volumes and images labelled ``cnlab`` in the Docker engine."""
-    try:
-        c = client(timeout=5)
-    except EngineUnavailable:  # no engine: nothing of ours can be alive there
-        return []
-    with contextlib.closing(c):
-        # the low-level list: the high-level one re-reads each container, racing their removal
-        found = [f"container {x['Names'][0].lstrip('/')}"
-                 for x in c.api.containers(all=True, filters={"label": LABEL})]
-        found += [f"docker-network {n.name}" for n in c.networks.list(filters={"label": LABEL})]
-        found += [f"docker-volume {v.name}" for v in c.volumes.list(filters={"label": LABEL})]
-        return found
-
-
-@owners.sweeper(owners.RUNTIMES + 5)
-def sweep():
-    """Remove every container, network and volume labelled ``cnlab`` (images are kept: a cache)."""
-    import docker
-    try:
-        c = client(timeout=10)
-    except EngineUnavailable:
-        return
-    with contextlib.closing(c):
-        for container in c.api.containers(all=True, filters={"label": LABEL}):
-            try:
-                c.api.remove_container(container["Id"], force=True)
-            except docker.errors.NotFound:  # a swarm task's container, gone meanwhile
-                pass
-        for network in c.networks.list(filters={"label": LABEL}):
-            network.remove()
-        for volume in c.volumes.list(filters={"label": LABEL}):
-            volume.remove(force=True)
