@@ -114,6 +114,8 @@ def test_a_new_network_namespace_has_only_a_loopback_that_is_down():
     result = ns.run(socket.if_nameindex, new=["net"])
     assert result.value == [(1, "lo")]
     assert len(socket.if_nameindex()) > 1                 # the host has more
+    link = ns.run(["ip", "-o", "link", "show", "lo"], new=["net"])
+    assert link.status == 0 and "<LOOPBACK>" in link.output and "state DOWN" in link.output
 
 
 @pytest.mark.requires("root")
@@ -307,7 +309,9 @@ def test_a_failure_with_netns_and_veth_leaves_nothing():
             with ns.start(["sleep", "30"], join=[a]):
                 raise RuntimeError("midway")
     assert _leftovers() <= before and ns.children() == []
-    assert "veth0" not in dict(socket.if_nameindex()).values()
+    assert not (ns.NETNS_DIR / "cnlab-fail-a").exists() and not (ns.NETNS_DIR / "cnlab-fail-b").exists()
+    # the pair was made inside the namespaces and went with them: no end of it is in the host's
+    assert {"veth0", "veth1"}.isdisjoint(n for _, n in socket.if_nameindex())
 
 
 @pytest.mark.requires("root")
