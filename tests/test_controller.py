@@ -67,7 +67,9 @@ def db(server):
     client = server.client()
     client.delete("/", prefix=True)
     yield client
-    controller.sweep()
+    client.delete("/", prefix=True)
+    controller.Controller(client).reconcile_once()  # its garbage collection: what the test ran goes
+    controller.sweep()  # a safety net: what it still finds fails the test (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,12 @@ import json
 import re
 import secrets
 import threading
-import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 
-from helpers._core import owners
+from helpers._core import loop, owners, wait
 from helpers.containers import images
-from helpers.errors import BadInput, LabTimeout
+from helpers.errors import BadInput
 from helpers._core.names import LABEL, PREFIX
 from helpers.orchestration.swarm import WORKLOAD  # the same idle busybox as Swarm's tasks
 
@@ -153,12 +152,17 @@ class Controller:
         self.resync = resync
         self._client = client
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = None
         self.passes = 0
-        self.history = deque(maxlen=200)   # a log for people to read, never used to decide
-        self.last_error = None
+        # Every pass lists everything: the watches' events only say "now", never what changed.
+        self._loop = loop.Loop(lambda keys: self.reconcile_once(), resync=resync, name="cnlab-controller",
+                               watches=[loop.Watch("etcd", self._watch_etcd),
+                                        loop.Watch("docker", self._watch_docker)])
+        self.history = self._loop.log   # a log for people to read, never used to decide
+
+    @property
+    def last_error(self):
+        """Why the last pass failed (etcd or Docker away), or None once one succeeds."""
+        return self._loop.last_error
 
     # one pass ------------------------------------------------------------------------
     def reconcile_once(self):
@@ -217,52 +221,30 @@ class Controller:
     # the loop in a thread ----------------------------------------------------------------
     @property
     def running(self):
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
 
     def start(self):
-        if self.running:
-            return self
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="cnlab-controller", daemon=True)
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self, timeout=10.0):
         """Stop the loop and its watches; the containers stay (they are the workload)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _loop(self):
-        wakers = {}
-        try:
-            while not self._stop.is_set():
-                for source, watch in (("etcd", self._watch_etcd), ("docker", self._watch_docker)):
-                    if source not in wakers or not wakers[source].is_alive():
-                        with contextlib.suppress(Exception):  # it is down: the pass will say so
-                            wakers[source] = watch()
-                self._wake.clear()
-                try:
-                    self.reconcile_once()
-                    self.last_error = None
-                except Exception as e:  # etcd or Docker away: keep the error, try again soon
-                    self.last_error = e
-                self._wake.wait(self.resync if self.last_error is None else min(self.resync, 1.0))
-        finally:
-            for waker in wakers.values():
-                waker.cancel()
+        self._loop.stop(timeout)
 
     def _watch_etcd(self):
         """Desired state changed: wake up."""
-        return _Waker(self.db.watch(REGISTRY, prefix=True), self._wake)
+        return self.db.watch(REGISTRY, prefix=True)
 
     def _watch_docker(self):
         """Actual state changed (an owned container started, died or went): wake up."""
         client = images.client()
-        events = client.events(decode=True, filters={"type": "container", "label": OWNER,
-                                                     "event": ["start", "die", "destroy"]})
-        return _Waker(events, self._wake, client)
+        try:
+            events = client.events(decode=True, filters={"type": "container", "label": OWNER,
+                                                         "event": ["start", "die", "destroy"]})
+        except BaseException:
+            client.close()
+            raise
+        return loop.Stream(events, events.close, client.close)
 
     def __enter__(self):
         return self.start()
@@ -274,50 +256,22 @@ class Controller:
         return f"<controller.Controller {'running' if self.running else 'stopped'}, {self.passes} passes>"
 
 
-class _Waker:
-    """Reads a stream (an etcd watch, Docker's events) and only sets the wake-up flag."""
-
-    def __init__(self, stream, wake, client=None):
-        self._stream, self._wake, self._client = stream, wake, client
-        self._thread = threading.Thread(target=self._run, name="cnlab-controller-waker", daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        with contextlib.suppress(Exception):  # the stream ended: the loop starts a new one
-            for _ in self._stream:
-                self._wake.set()
-        self._wake.set()
-
-    def is_alive(self):
-        return self._thread.is_alive()
-
-    def cancel(self):
-        with contextlib.suppress(Exception):
-            self._stream.close()
-        if self._client is not None:
-            self._client.close()
-        self._thread.join(5)
-
-
 def wait_converged(db, name, *, timeout=30.0, client=None):
     """Wait until the containers of ``name`` match its spec and its status says so; return the object."""
-    deadline = time.monotonic() + timeout
     with _docker(client) as c:
-        while True:
+        def converged():
             obj = get(db, name)
-            if obj is not None:
-                spec, status = obj["spec"], obj.get("status", {})
-                mine = replicas(c, name)
-                if (status.get("observedGeneration") == obj["metadata"]["generation"]
-                        and status.get("readyReplicas") == status.get("replicas") == spec["replicas"]
-                        and len(mine) == spec["replicas"]
-                        and all(r.state == "running" and r.image == spec["image"] for r in mine)):
-                    return obj
-            if time.monotonic() > deadline:
-                raise LabTimeout(f"replica set {name} did not converge within {timeout:g} s: "
-                                 f"{observe(db, name, c)}",
-                                 fix="is a controller running (controller.start()), or call reconcile_once()")
-            time.sleep(0.1)
+            if obj is None:
+                return None
+            spec, status = obj["spec"], obj.get("status", {})
+            mine = replicas(c, name)
+            return obj if (status.get("observedGeneration") == obj["metadata"]["generation"]
+                           and status.get("readyReplicas") == status.get("replicas") == spec["replicas"]
+                           and len(mine) == spec["replicas"]
+                           and all(r.state == "running" and r.image == spec["image"] for r in mine)) else None
+        return wait.until(converged, timeout, f"replica set {name} converging", interval=0.1,
+                          detail=lambda: str(observe(db, name, c)),
+                          fix="is a controller running (controller.start()), or call reconcile_once()")
 
 
 @owners.sweeper(owners.RUNTIMES)

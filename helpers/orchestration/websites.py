@@ -20,13 +20,11 @@ import contextlib
 import hashlib
 import json
 import secrets
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
+from helpers._core import loop, wait
 from helpers.containers import cri
-from helpers.errors import LabTimeout
 
 GROUP, VERSION, KIND, PLURAL = "cnlab.example", "v1", "Website", "websites"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -187,11 +185,11 @@ class Controller:
         self.api, self.runtime = api, runtime
         self.namespace = namespace
         self.resync = resync
-        self.actions = deque(maxlen=200)
         self.passes = 0
-        self._stop = threading.Event()
-        self._thread = None
-        self._watch = None
+        self._version = None  # of the last pass's list: the watch wakes the loop for what came after
+        self._loop = loop.Loop(lambda keys: self.reconcile_once(), resync=resync, name="cnlab-websites",
+                               watches=[loop.Watch(PLURAL, self._watch)], on_error=self._failed)
+        self.actions = self._loop.log
 
     # -- one pass --
 
@@ -210,7 +208,8 @@ class Controller:
                     remove_pod(self.runtime, replica.pod)
                     self._did("delete", site, f"pod {replica.name}: its Website no longer exists")
         self.passes += 1
-        return listing["metadata"]["resourceVersion"]
+        self._version = listing["metadata"]["resourceVersion"]
+        return self._version
 
     def _did(self, verb, site, why):
         self.actions.append(Action(verb, site, why))
@@ -285,38 +284,28 @@ class Controller:
 
     @property
     def running(self):
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
 
     def start(self):
-        if not self.running:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="cnlab-websites", daemon=True)
-            self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self, timeout=15.0):
-        self._stop.set()
-        if self._watch is not None:
-            self._watch.stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
         return self
 
-    def _loop(self):
+    def _watch(self):
+        """Websites changed since the last pass's list: wake up. It ends after ``resync`` seconds."""
         from kubernetes import watch
-        while not self._stop.is_set():
-            try:
-                version = self.reconcile_once()
-                # Sleep until a Website changes, or ``resync`` seconds pass: then list again.
-                self._watch = watch.Watch()
-                for _ in self._watch.stream(_objects(self.api).list_namespaced_custom_object, GROUP,
-                                            VERSION, self.namespace, PLURAL, resource_version=version,
-                                            timeout_seconds=max(1, round(self.resync))):
-                    break
-                self._watch.stop()
-            except Exception as e:  # an API or runtime hiccup: say so, then try again
-                self._did("failed", "-", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                self._stop.wait(self.resync)
+        w = watch.Watch()
+        events = w.stream(_objects(self.api).list_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                          PLURAL, resource_version=self._version, timeout_seconds=max(1, round(self.resync)))
+        return loop.Stream(events, w.stop)
+
+    def _failed(self, where, e):
+        """An API or runtime hiccup: say so; the loop tries again."""
+        line = (str(e).splitlines() or [""])[0][:200]
+        self._did("failed", "-", ("" if where == "pass" else f"watch {where}: ") + f"{type(e).__name__}: {line}")
 
     def __enter__(self):
         return self.start()
@@ -342,11 +331,9 @@ def converged(api, runtime, name, *, namespace="default"):
 def wait_converged(api, runtime, name, *, namespace="default", timeout=60.0):
     """Wait until ``converged()``; return the seconds it took."""
     started = time.monotonic()
-    while not converged(api, runtime, name, namespace=namespace):
-        if time.monotonic() - started > timeout:
-            raise LabTimeout(f"Website {namespace}/{name} did not converge within {timeout:g} s",
-                             fix="is the controller running? read its .actions")
-        time.sleep(0.2)
+    wait.until(lambda: converged(api, runtime, name, namespace=namespace), timeout,
+               f"Website {namespace}/{name} converging", interval=0.2,
+               fix="is the controller running? read its .actions")
     return time.monotonic() - started
 
 
