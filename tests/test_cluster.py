@@ -472,17 +472,16 @@ def test_echo_deployment_is_the_template_named_sized_and_owned():
     assert dep["spec"]["template"]["spec"]["containers"][0]["env"] == [{"name": "MESSAGE", "value": "hello"}]
 
 
-def test_echo_drift_and_status():
+def test_echo_drift_and_status():  # the status, mid-rollout and after: tests/test_operator.py
     desired = operator.echo_deployment(echo())
     assert operator.echo_drift(None, desired) == ["created Deployment echo-hello (2 replicas)"]
     live = operator.echo_deployment(echo(replicas=5, message="edited by hand"))
     assert operator.echo_drift(live, desired) == ["replicas 5 -> 2", "message -> 'hello'"]
     assert operator.echo_drift(desired, desired) == []
-    st = operator.echo_status(echo(), deployment(replicas=2, available=1))
-    assert st["readyReplicas"] == 0 and st["conditions"][0] == {"type": "Ready", "status": "False",
+    st = operator.echo_status(echo(), deployment(replicas=2, total=2, updated=2, available=1))
+    assert st["readyReplicas"] == 1 and st["conditions"][0] == {"type": "Ready", "status": "False",
                                                                 "reason": "WaitingForReplicas"}
-    dep = cluster.plain(deployment(replicas=2))
-    dep["status"]["readyReplicas"] = 2
+    dep = cluster.plain(deployment(replicas=2, total=2, updated=2, available=2))
     assert operator.echo_status(echo(), dep)["conditions"][0]["status"] == "True"
 
 

@@ -1,35 +1,39 @@
-"""A controller in the Kubernetes style, written with the kubernetes client's watch (lab 44).
+"""A controller in the Kubernetes style, written with the kubernetes client's list and watch (lab 44).
 
-``Controller`` is the generic part: level-triggered, one watch thread per kind, one worker
-reconciling each key once however often it was queued. The Echo functions are the example:
-an Echo custom resource (manifests/44-controller) owns a Deployment that says its message.
+``Controller`` is the generic part, on the course's one controller loop (``helpers._core.loop``):
+level-triggered, a relist of every watched kind every ``resync`` seconds, one watch per kind that
+only wakes it early, each key reconciled once however often it was queued. The Echo functions
+are the example: an Echo custom resource (manifests/44-controller) owns a Deployment that says
+its message.
 """
-import queue
-import threading
-from collections import deque
-
-from helpers.kubernetes.cluster import ECHO_API, FIELD_MANAGER, connect, load, plain
+from helpers._core import loop
 from helpers.errors import LabError
+from helpers.kubernetes.cluster import ECHO_API, FIELD_MANAGER, connect, load, plain
 
 
 class Controller:
-    """A level-triggered reconcile loop, on the client's watch, in threads.
+    """A level-triggered reconcile loop on the client's list and watch, in threads.
 
-    ``sources`` are (kind, apiVersion, label selector, key): one thread watches each kind and
-    turns every event into a key (the name of a primary object) with ``key(obj)``; one worker
-    takes keys off a queue, each once however often it was queued, and calls
+    ``sources`` are (kind, apiVersion, label selector, key): ``key(obj)`` turns an object of
+    that kind into a key (the name of a primary object). Every ``resync`` seconds the controller
+    lists every kind and queues every key (client-go's informers resync from their cache, and
+    list again when a watch breaks; this controller keeps no cache, so it lists); a watch per kind
+    queues the key of each event between. Each key queued is handed once to
     ``reconcile(cluster, key)``, which compares desired with actual state, acts, and returns a
-    sentence saying what it did (or None). Each watch ends after ``resync`` seconds and a new
-    one starts with an ADDED event per object: a missed event delays a fix but never loses it.
-    Nothing is kept between runs, so a restarted controller simply catches up.
+    sentence saying what it did (or None); a failure is tried again a second later. A watch that
+    keeps failing (an etcd without watch progress answers "504 Too large resource version") is
+    opened again with a growing pause, and the relist still comes: a broken watch delays a fix
+    but never loses it. Nothing is kept between runs, so a restarted controller simply catches up.
     """
 
     def __init__(self, cluster, reconcile, sources, *, resync=5):
         self.target, self.cluster = cluster, None
         self.reconcile, self.sources, self.resync = reconcile, list(sources), resync
-        self.log = deque(maxlen=200)
-        self._queue, self._queued, self._lock = queue.Queue(), set(), threading.Lock()
-        self._stop, self._threads = threading.Event(), []
+        self._loop = loop.Loop(self._pass, resync=resync, name="cnlab-operator", on_error=self._failed,
+                               watches=[loop.Watch(kind, self._watcher(kind, version, selector),
+                                                   lambda event, key=key: key(event.object))
+                                        for kind, version, selector, key in self.sources])
+        self.log = self._loop.log
 
     def __enter__(self):
         return self.start()
@@ -38,63 +42,47 @@ class Controller:
         self.stop()
 
     def start(self):
+        if self.running:
+            return self
         # A client of its own: the notebook goes on using the cluster's while the threads run.
         t = self.target
         self.cluster = connect(t.context, kubeconfig=t.kubeconfig, namespace=t.namespace)
-        self._stop.clear()
-        self._threads = [threading.Thread(target=self._watch, args=s, daemon=True) for s in self.sources]
-        self._threads.append(threading.Thread(target=self._work, daemon=True))
-        for t in self._threads:
-            t.start()
+        self._loop.start()
         return self
 
     def stop(self):
         """Stop watching and working (within ``resync`` seconds: a watch ends on the server's time)."""
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.resync + 20)
-        self.cluster.close()
+        self._loop.stop(self.resync + 20)
+        if self.cluster is not None:
+            self.cluster.close()
 
     @property
     def running(self):
-        return any(t.is_alive() for t in self._threads)
+        return self._loop.running
 
-    def _enqueue(self, key):
-        with self._lock:
-            if key in self._queued:
-                return
-            self._queued.add(key)
-        self._queue.put(key)
+    def _watcher(self, kind, api_version, selector):
+        """Open a watch of ``kind``: from a list of its own (ADDED for every object), ``resync`` seconds long."""
+        return lambda: self.cluster.watch(kind, api_version=api_version, label_selector=selector,
+                                          timeout=self.resync)
 
-    def _watch(self, kind, api_version, selector, key):
-        while not self._stop.is_set():
-            try:
-                for event in self.cluster.watch(kind, api_version=api_version, label_selector=selector,
-                                                timeout=self.resync):
-                    if k := key(event.object):
-                        self._enqueue(k)
-                    if self._stop.is_set():
-                        return
-            except LabError as e:
-                self.log.append(f"watch {kind}: {e.message}")
-                self._stop.wait(1)
-
-    def _work(self):
-        while not self._stop.is_set():
-            try:
-                key = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            with self._lock:
-                self._queued.discard(key)
+    def _pass(self, keys):
+        """Reconcile ``keys``, or with None (a resync) every key a list of each kind names."""
+        if keys is None:
+            keys = {k for kind, version, selector, key in self.sources
+                    for obj in self.cluster.get(kind, api_version=version, label_selector=selector)
+                    if (k := key(obj))}
+        for key in sorted(keys):
             try:
                 did = self.reconcile(self.cluster, key)
                 if did:
                     self.log.append(did)
             except LabError as e:  # level-triggered: try again soon, from the state as it is then
                 self.log.append(f"{key}: {e.message}")
-                self._stop.wait(1)
-                self._enqueue(key)
+                self._loop.wake(key, after=1.0)
+
+    def _failed(self, where, e):
+        what = "list" if where == "pass" else f"watch {where}"
+        self.log.append(f"{what}: {e.message if isinstance(e, LabError) else f'{type(e).__name__}: {e}'}")
 
 
 def echo_deployment(echo):
@@ -127,12 +115,24 @@ def echo_drift(live, desired):
 
 
 def echo_status(echo, deployment):
-    """What an Echo's status should say, from its Deployment's."""
-    echo, st = plain(echo), (plain(deployment) or {}).get("status") or {}
-    want, ready = echo["spec"].get("replicas", 1), st.get("readyReplicas") or 0
+    """What an Echo's status should say, from its Deployment's.
+
+    Its Pods are counted as ready only if they are of the current template and available, and
+    only once the Deployment controller has seen the current spec (``observedGeneration``): the
+    Deployment's ``readyReplicas`` counts old and new Pods alike, so mid-rollout it would say
+    Ready too soon. Ready is what kubectl calls "successfully rolled out", for as many replicas
+    as the Echo asks: every Pod of the current template, and each available.
+    """
+    echo, dep = plain(echo), plain(deployment) or {}
+    st, want = dep.get("status") or {}, echo["spec"].get("replicas", 1)
+    seen = bool(dep) and (st.get("observedGeneration") or 0) >= (dep["metadata"].get("generation") or 0)
+    updated = st.get("updatedReplicas") or 0
+    old = (st.get("replicas") or 0) - updated  # Pods of an older template, still there
+    ready = max(0, (st.get("availableReplicas") or 0) - old) if seen else 0
+    done = seen and old == 0 and updated == ready == want
     return {"observedGeneration": echo["metadata"].get("generation"), "replicas": want, "readyReplicas": ready,
-            "conditions": [{"type": "Ready", "status": "True" if ready == want else "False",
-                            "reason": "AllReplicasReady" if ready == want else "WaitingForReplicas"}]}
+            "conditions": [{"type": "Ready", "status": "True" if done else "False",
+                            "reason": "AllReplicasReady" if done else "WaitingForReplicas"}]}
 
 
 def reconcile_echo(c, name):
