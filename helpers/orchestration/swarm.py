@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from helpers._core import owners
-from helpers.containers import images
+from helpers.containers import engine, images
 from helpers import errors
 from helpers.errors import BadInput, LabError, LabTimeout
 from helpers._core.names import LABEL, PREFIX
@@ -95,7 +95,7 @@ class Swarm:
 
     def init(self):
         """``docker swarm init --advertise-addr 127.0.0.1``, marked as the course's swarm."""
-        self._client = images.client()
+        self._client = engine.client()
         try:
             state = self._client.info()["Swarm"]["LocalNodeState"]
             if state != "inactive":
@@ -337,8 +337,8 @@ def _remove(client, service, timeout):
 def leftovers():
     """The swarm, if this machine is in one the course made."""
     try:
-        client = images.client(timeout=5)
-    except images.EngineUnavailable:
+        client = engine.client(timeout=5)
+    except engine.EngineUnavailable:
         return []
     with contextlib.closing(client):
         active = client.info()["Swarm"]["LocalNodeState"] == "active"
@@ -349,8 +349,8 @@ def leftovers():
 def sweep(timeout=60.0):
     """Remove the course's services (waiting for their containers) and leave a swarm it created."""
     try:
-        client = images.client(timeout=10)
-    except images.EngineUnavailable:
+        client = engine.client(timeout=10)
+    except engine.EngineUnavailable:
         return
     import docker
     with contextlib.closing(client):
