@@ -19,6 +19,8 @@ from helpers._core.names import LABEL, PREFIX
 from helpers.errors import LabError, LabTimeout
 
 BUSYBOX = f"{PREFIX}/busybox"
+OWNER = {LABEL: "images"}     # on what the labs build and run (the busybox base says "course": a cache)
+BUILT = f"{LABEL}={OWNER[LABEL]}"
 
 
 class EngineUnavailable(errors.Unavailable):
@@ -115,12 +117,15 @@ def leftovers():
                  for x in c.api.containers(all=True, filters={"label": LABEL})]
         found += [f"docker-network {n.name}" for n in c.networks.list(filters={"label": LABEL})]
         found += [f"docker-volume {v.name}" for v in c.volumes.list(filters={"label": LABEL})]
+        found += [f"docker-image {', '.join(i['RepoTags'] or [i['Id'][:19]])}"
+                  for i in c.api.images(filters={"label": BUILT})]
         return found
 
 
 @owners.sweeper(owners.RUNTIMES + 5)
 def sweep():
-    """Remove every container, network and volume labelled ``cnlab`` (images are kept: a cache)."""
+    """Remove every container, network and volume labelled ``cnlab``, and the images labs built
+    (the busybox base image is kept: a cache every lab shares)."""
     import docker
     try:
         c = client(timeout=10)
@@ -136,3 +141,6 @@ def sweep():
             network.remove()
         for volume in c.volumes.list(filters={"label": LABEL}):
             volume.remove(force=True)
+        for image in c.api.images(filters={"label": BUILT}):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                c.api.remove_image(image["Id"], force=True)

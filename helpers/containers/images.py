@@ -29,7 +29,7 @@ from helpers.errors import BadInput, MissingTool
 from helpers._core.names import LABEL, PREFIX
 
 BUSYBOX = engine.BUSYBOX
-OWNER = {LABEL: "images"}             # on what this module builds and runs
+OWNER = engine.OWNER                  # on what this module builds and runs
 MIN_MEMORY = 6 * 2**20                # Docker refuses a memory limit below 6 MiB
 
 BUSYBOX_DOCKERFILE = b"""FROM scratch
