@@ -190,6 +190,20 @@ def test_v2_stats_are_read_from_the_kernel_files(fake):
         cpu_periods=10, cpu_throttled=8, cpu_throttled_us=700000, pids_current=3, pids_refused=81)
 
 
+def test_limit_files_and_stats_of_any_process_s_folders(fake):
+    """What of_process finds for a container on a v2-only machine: one folder, v2 files."""
+    group = Cgroup("c", layout=fake.layout, memory="512M", cpus=0.5, cpu_weight=20)
+    folders = {"v2": group.paths["v2"]}
+    files = {path.name: text for path, text in cgroups.limit_files(folders).items()}
+    assert files == {"memory.max": "536870912", "cpu.max": "50000 100000", "cpu.weight": "20",
+                     "pids.max": "max"}
+    assert cgroups.limits_in(folders) == {"memory": 512 << 20, "cpus": 0.5, "pids": None}
+    (group.paths["v2"] / "cpu.stat").write_text("usage_usec 5\nnr_periods 3\nnr_throttled 2\n"
+                                                 "throttled_usec 9\n")
+    assert cgroups.stats_in(folders, fake.layout) == group.stats()
+    assert group.stats().cpu_throttled == 2
+
+
 def test_sample_reads_every_group_over_time(fake):
     groups = [Cgroup("a", layout=fake.layout), Cgroup("b", layout=fake.layout)]
     (groups[1].paths["v2"] / "cpu.stat").write_text("usage_usec 7\n")

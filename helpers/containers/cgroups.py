@@ -303,29 +303,7 @@ class Cgroup:
 
     def stats(self):
         """What the group used, and the events its limits caused, as a Stats."""
-        mem, cpu, pids = self._dir("memory"), self._dir("cpu"), self._dir("pids")
-        v2 = {c: self.layout.where(c) == "v2" for c in ("memory", "cpu")}
-        usage = None
-        if "v2" in self.paths:    # every v2 group counts its CPU time, with or without controllers
-            usage = _keyed(self.paths["v2"] / "cpu.stat").get("usage_usec")
-        elif "cpuacct" in self.paths:                               # v1 counts nanoseconds
-            nanoseconds = _number(self.paths["cpuacct"], "cpuacct.usage")
-            usage = None if nanoseconds is None else nanoseconds // 1000
-        throttling = _keyed(cpu / "cpu.stat") if cpu else {}
-        throttled = throttling.get("throttled_usec")
-        if throttled is None and "throttled_time" in throttling:      # v1 counts nanoseconds
-            throttled = throttling["throttled_time"] // 1000
-        return Stats(
-            memory_current=_number(mem, "memory.current" if v2["memory"] else "memory.usage_in_bytes"),
-            memory_peak=_number(mem, "memory.peak" if v2["memory"] else "memory.max_usage_in_bytes"),
-            oom_kills=_keyed(mem / ("memory.events" if v2["memory"] else "memory.oom_control"))
-            .get("oom_kill") if mem else None,
-            cpu_usage_us=usage,
-            cpu_periods=throttling.get("nr_periods"),
-            cpu_throttled=throttling.get("nr_throttled"),
-            cpu_throttled_us=throttled,
-            pids_current=_number(pids, "pids.current"),
-            pids_refused=_keyed(pids / "pids.events").get("max") if pids else None)
+        return stats_in(self.paths, self.layout)
 
     # -- freezing and killing --
 
@@ -368,6 +346,13 @@ class Cgroup:
     def remove(self, timeout=_BUSY_TIMEOUT):
         """Kill the processes, remove sub-groups first, retry while the kernel says EBUSY.
         A group that is already gone counts as removed, so removing twice is fine."""
+        try:      # an empty group (its processes gone): one rmdir a directory, the fast way
+            for path in self.dirs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(path)
+            return
+        except OSError:
+            pass
         self.kill(timeout)
         for path in self.dirs:
             _remove_tree(path, timeout)
@@ -528,26 +513,71 @@ def of_process(pid):
     return folders
 
 
-def limits_in(folders):
-    """The memory, CPU and pids limits in a process's cgroup folders (from ``of_process``):
-    v1 files where the controller is on a v1 hierarchy, else v2 files. None: no limit."""
-    def words(controller, v1_file, v2_file):
-        folder, name = (folders[controller], v1_file) if controller in folders \
-            else (folders.get("v2"), v2_file)
-        try:
-            return folder.joinpath(name).read_text().split()
-        except (AttributeError, FileNotFoundError):       # no such hierarchy, or no controller
-            return None
+def stats_in(folders, layout=None):
+    """The Stats of cgroup folders: a Cgroup's ``paths``, or any process's (from ``of_process``)."""
+    layout = layout or detect()
 
-    memory = words("memory", "memory.limit_in_bytes", "memory.max")
-    quota = words("cpu", "cpu.cfs_quota_us", "cpu.max")              # v2: "<quota> <period>"
-    if quota and len(quota) == 1:
-        quota += words("cpu", "cpu.cfs_period_us", "cpu.max")
-    pids = words("pids", "pids.max", "pids.max")
+    def folder(controller):
+        where = layout.where(controller)
+        return folders.get("v2" if where == "v2" else controller) if where else None
+
+    mem, cpu, pids = folder("memory"), folder("cpu"), folder("pids")
+    v2 = {c: layout.where(c) == "v2" for c in ("memory", "cpu")}
+    # every v2 group counts its CPU time, with or without controllers; v1 counts nanoseconds
+    usage = _keyed(folders["v2"] / "cpu.stat").get("usage_usec") if "v2" in folders else None
+    if usage is None and "cpuacct" in folders:
+        nanoseconds = _number(folders["cpuacct"], "cpuacct.usage")
+        usage = None if nanoseconds is None else nanoseconds // 1000
+    throttling = _keyed(cpu / "cpu.stat") if cpu else {}
+    throttled = throttling.get("throttled_usec")
+    if throttled is None and "throttled_time" in throttling:          # v1 counts nanoseconds
+        throttled = throttling["throttled_time"] // 1000
+    return Stats(
+        memory_current=_number(mem, "memory.current" if v2["memory"] else "memory.usage_in_bytes"),
+        memory_peak=_number(mem, "memory.peak" if v2["memory"] else "memory.max_usage_in_bytes"),
+        oom_kills=_keyed(mem / ("memory.events" if v2["memory"] else "memory.oom_control"))
+        .get("oom_kill") if mem else None,
+        cpu_usage_us=usage,
+        cpu_periods=throttling.get("nr_periods"),
+        cpu_throttled=throttling.get("nr_throttled"),
+        cpu_throttled_us=throttled,
+        pids_current=_number(pids, "pids.current"),
+        pids_refused=_keyed(pids / "pids.events").get("max") if pids else None)
+
+
+# where each limit is written: (controller, v1 files, v2 files)
+_LIMIT_FILES = (("memory", ("memory.limit_in_bytes",), ("memory.max",)),
+                ("cpu", ("cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.shares"),
+                 ("cpu.max", "cpu.weight")),
+                ("pids", ("pids.max",), ("pids.max",)))
+
+
+def limit_files(folders):
+    """{file: its text} of the files that hold a process's memory, CPU and pids limits and its
+    CPU share (from ``of_process``): v1 files where the controller is on a v1 hierarchy, else
+    v2 files. A file that is missing (no such controller) is left out."""
+    found = {}
+    for controller, v1_files, v2_files in _LIMIT_FILES:
+        folder, files = (folders[controller], v1_files) if controller in folders \
+            else (folders.get("v2"), v2_files)
+        for name in files if folder else ():
+            text = _read(folder / name).strip()
+            if text:
+                found[folder / name] = text
+    return found
+
+
+def limits_in(folders):
+    """The memory, CPU and pids limits in a process's cgroup folders (from ``of_process``).
+    None: no limit."""
+    words = {path.name: text.split() for path, text in limit_files(folders).items()}
+    memory = words.get("memory.limit_in_bytes") or words.get("memory.max")
+    quota = words.get("cpu.max") or (words.get("cpu.cfs_quota_us", []) + words.get("cpu.cfs_period_us", []))
+    pids = words.get("pids.max")
     unlimited = ("max", "-1")
     return {"memory": None if not memory or memory[0] in unlimited or int(memory[0]) >= 2**62
             else int(memory[0]),       # v1 says "no limit" with a huge number
-            "cpus": None if not quota or quota[0] in unlimited else int(quota[0]) / int(quota[1]),
+            "cpus": None if len(quota) < 2 or quota[0] in unlimited else int(quota[0]) / int(quota[1]),
             "pids": None if not pids or pids[0] in unlimited else int(pids[0])}
 
 
