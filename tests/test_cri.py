@@ -151,6 +151,44 @@ def test_limits_asked_through_the_cri_are_in_the_container_s_cgroup(client):
         assert (limits["memory"], limits["cpus"]) == (32 << 20, 0.25)
 
 
+def test_cpu_requests_become_shares_as_the_kubelet_makes_them():
+    assert [cri.shares(c) for c in (0.5, 1, 2, 0.001)] == [512, 1024, 2048, 2]
+
+
+def test_a_request_above_the_limit_is_refused_before_any_call():
+    with cri.Client("/run/cnlab/nothing.sock") as client:       # nothing answers: no call made
+        pod = cri.Pod(client, "bad")
+        with pytest.raises(BadInput, match="more than the limit"):
+            pod.add("box", containerd.BUSYBOX, ["true"], cpus=0.5, cpu_request=1)
+        with pytest.raises(BadInput, match="cpu_request"):
+            pod.add("box", containerd.BUSYBOX, ["true"], cpus=0.5, cpu_request="half")
+
+
+@pytest.mark.requires("containerd")
+def test_half_a_core_and_512_mib_are_written_and_enforced(client):
+    """The article's "0.5 核 512M": the spec containerd hands runc, the cgroup files runc wrote,
+    a busy loop held to half a core and a hog OOM-killed at 512 MiB."""
+    with cri.Pod(client, "small") as pod:
+        pod.add("busy", containerd.BUSYBOX, ["sh", "-c", "while :; do :; done"], memory="512M", cpus=0.5)
+        spec = pod.status("busy")["spec"]["linux"]["resources"]
+        assert spec["cpu"] == {"shares": 512, "quota": 50_000, "period": 100_000}
+        assert spec["memory"]["limit"] == 512 << 20
+        got = pod.resources("busy")
+        assert (got.memory, got.cpus, got.cpu_quota_us, got.cpu_period_us) == (512 << 20, 0.5, 50_000, 100_000)
+        assert got.cpu_shares == 512 if got.cpu_weight is None else 1 <= got.cpu_weight < 100
+        assert all(pod.cgroup in str(path) for path in got.files)
+        use = pod.cpu_use("busy", seconds=2)
+        assert 0.2 <= use.cores <= 0.6, use                    # generous: the machine is shared
+        assert use.throttled > 0 and use.throttled_seconds > 0, use
+        pod.add("hog", containerd.BUSYBOX, ["sh", "-c", "head -c 700m /dev/zero | tail"], memory="512M")
+        ended = pod.wait_exit("hog")
+        assert (ended["exit_code"], ended["reason"]) == (137, "OOMKilled")
+        with pytest.raises(cri.CriError, match="hog is CONTAINER_EXITED, not running"):
+            pod.resources("hog")
+        with pytest.raises(BadInput, match="seconds"):
+            pod.cpu_use("busy", seconds=0)
+
+
 @pytest.mark.requires("containerd")
 def test_an_exited_container_has_its_status_and_logs(client):
     with cri.Pod(client, "job") as pod:

@@ -18,12 +18,13 @@ import contextlib
 import json
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.containers import cgroups
-from helpers._core import names
+from helpers._core import names, wait
 from helpers import errors
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
 
@@ -90,6 +91,35 @@ def parse_log(text):
         lines.append(LogLine(when, stream, pending + message))
         pending = ""
     return lines
+
+
+def shares(cpus):
+    """The kubelet's CPU request to cgroup v1 shares: 1024 a core, at least 2
+    (milliCPUToShares). runc turns shares into cgroup v2's ``cpu.weight`` where v2 has the CPU."""
+    return max(2, round(cpus * 1024))
+
+
+@dataclass(frozen=True)
+class Resources:
+    """A container's limits as its cgroup holds them: ``files`` (path -> text, the files runc
+    wrote: v1 or v2 names, whichever this machine has) and what they mean."""
+    files: dict
+    memory: int | None          # bytes
+    cpus: float | None          # quota / period
+    cpu_quota_us: int | None
+    cpu_period_us: int | None
+    cpu_shares: int | None      # cgroup v1's cpu.shares, where the CPU controller is on v1
+    cpu_weight: int | None      # cgroup v2's cpu.weight, where it is on v2
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """What a container's CPU quota did over a measured stretch of wall-clock time."""
+    seconds: float              # wall-clock time measured
+    cores: float                # CPU time used / wall-clock time
+    periods: int                # enforcement periods in which it wanted to run
+    throttled: int              # ... in which it used up its quota and was stopped
+    throttled_seconds: float    # time it spent stopped
 
 
 @dataclass(frozen=True)
@@ -217,12 +247,14 @@ class Client:
                    container_id=container_id)
 
     def container_status(self, container_id):
-        """{"state", "exit_code", "reason", "log_path"} and, with containerd, the process's ``pid``."""
+        """{"state", "exit_code", "reason", "log_path"} and, with containerd, the process's ``pid``
+        and ``spec``, the OCI runtime spec it handed to runc."""
         r = self._call("runtime", "ContainerStatus", f"container {container_id}",
                        container_id=container_id, verbose=True)
         info = json.loads(r.info.get("info", "{}") or "{}")
         return {"state": self._pb.ContainerState.Name(r.status.state), "exit_code": r.status.exit_code,
-                "reason": r.status.reason, "log_path": r.status.log_path, "pid": info.get("pid")}
+                "reason": r.status.reason, "log_path": r.status.log_path, "pid": info.get("pid"),
+                "spec": info.get("runtimeSpec")}
 
     def containers(self, pod_id=None, labels=None):
         r = self._call("runtime", "ListContainers", "ListContainers",
@@ -319,11 +351,14 @@ class Pod:
             raise
         return self
 
-    def add(self, name, image, command=None, args=None, *, env=None, memory=None, cpus=None,
-            start=True):
+    def add(self, name: str, image: str, command: list[str] | None = None,
+            args: list[str] | None = None, *, env: dict | None = None, memory: str | int | None = None,
+            cpus: float | None = None, cpu_request: float | None = None, start: bool = True) -> str:
         """CreateContainer (+ StartContainer) in this pod; returns the container id.
-        ``command`` replaces the image's entrypoint, ``args`` its cmd; ``memory`` ("64M") and
-        ``cpus`` (0.5) become the container's cgroup limits."""
+        ``command`` replaces the image's entrypoint, ``args`` its cmd. As the kubelet does with a
+        container's ``resources``: the limits ``memory`` ("512M") and ``cpus`` (0.5) become
+        ``LinuxContainerResources``' memory limit and CFS quota/period, and the CPU request
+        (``cpu_request``, by default the limit, as Kubernetes defaults it) its CPU shares."""
         pb = self.client._pb
         name = _named(name, "container")
         if name in self.containers:
@@ -333,11 +368,16 @@ class Pod:
                                           and all(isinstance(a, str) for a in value)):
                 raise BadInput(f"{what}={value!r} must be a list of strings", fix='e.g. ["sleep", "60"]')
         limits = cgroups.Limits.parse(memory=memory, cpus=cpus)
+        request = limits.cpus if cpu_request is None else cgroups.parse_cpus(cpu_request, "cpu_request")
+        if limits.cpus and request > limits.cpus:
+            raise BadInput(f"cpu_request={cpu_request!r} is more than the limit cpus={cpus!r}",
+                           fix="a request is at most the limit, as Kubernetes requires")
         self.client.image(image)          # NotFound naming the image, before anything is made
         limits_pb = pb.LinuxContainerResources(
             memory_limit_in_bytes=limits.memory or 0,
             cpu_period=limits.cpu_period if limits.cpus else 0,
-            cpu_quota=round(limits.cpus * limits.cpu_period) if limits.cpus else 0)
+            cpu_quota=round(limits.cpus * limits.cpu_period) if limits.cpus else 0,
+            cpu_shares=shares(request) if request else 0)
         (self.logs_dir / name).mkdir(parents=True, exist_ok=True)
         config = pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name=name), image=pb.ImageSpec(image=image),
@@ -363,6 +403,49 @@ class Pod:
     def status(self, name=None):
         """The pod's status, or one container's."""
         return self.client.container_status(self._id(name)) if name else self.client.pod_status(self.id)
+
+    def resources(self, name: str) -> Resources:
+        """The limits in a running container's cgroup, read from the kernel's files
+        (through its process: ``cgroups.of_process``), not from what was asked."""
+        folders = cgroups.of_process(self._pid(name))
+        files = cgroups.limit_files(folders)
+        limits = cgroups.limits_in(folders)
+        text = {path.name: value for path, value in files.items()}
+        quota, period = (text["cpu.max"].split() if "cpu.max" in text
+                         else [text.get("cpu.cfs_quota_us"), text.get("cpu.cfs_period_us")])
+        whole = (lambda v: int(v) if v and v.lstrip("-").isdigit() and int(v) >= 0 else None)
+        return Resources(files, limits["memory"], limits["cpus"], whole(quota), whole(period),
+                         whole(text.get("cpu.shares")), whole(text.get("cpu.weight")))
+
+    def cpu_use(self, name: str, seconds: float = 3.0) -> CpuUse:
+        """Measure a running container's CPU time and throttling over ``seconds``, from its
+        cgroup's counters (cpuacct/cpu.stat), before and after."""
+        if not isinstance(seconds, (int, float)) or not 0.5 <= seconds <= 60:
+            raise BadInput(f"seconds={seconds!r} is out of range", fix="measure 0.5 to 60 seconds")
+        folders = cgroups.of_process(self._pid(name))
+        before, t0 = cgroups.stats_in(folders), time.monotonic()
+        time.sleep(seconds)
+        after, elapsed = cgroups.stats_in(folders), time.monotonic() - t0
+        if before.cpu_usage_us is None or after.cpu_usage_us is None or after.cpu_periods is None:
+            raise errors.NotSupported(f"container {name}'s cgroup has no CPU counters",
+                                      fix="the cpu and cpuacct controllers (v1) or cpu (v2) are needed")
+        return CpuUse(elapsed, (after.cpu_usage_us - before.cpu_usage_us) / 1e6 / elapsed,
+                      after.cpu_periods - before.cpu_periods, after.cpu_throttled - before.cpu_throttled,
+                      (after.cpu_throttled_us - before.cpu_throttled_us) / 1e6)
+
+    def wait_exit(self, name: str, timeout: float = 30) -> dict:
+        """Wait until a container has exited; its status ("reason" is "OOMKilled" when the
+        kernel's OOM killer ended it)."""
+        return wait.until(lambda: (s := self.status(name))["state"] == "CONTAINER_EXITED" and s,
+                          timeout, f"container {name} to exit",
+                          detail=lambda: self.status(name)["state"])
+
+    def _pid(self, name):
+        status = self.status(name)
+        if status["state"] != "CONTAINER_RUNNING" or not status["pid"]:
+            raise CriError(f"container {name} is {status['state']}, not running",
+                           fix="read its status()['reason'] and logs()")
+        return status["pid"]
 
     def exec(self, name, command, timeout=10):
         return self.client.exec_sync(self._id(name), command, timeout)
