@@ -6,6 +6,7 @@ Every resource the helpers create carries the prefix ``cnlab`` (cgroups, mount p
 nothing was.
 """
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -35,6 +36,24 @@ def state_dir(*parts) -> Path:
     path = STATE.joinpath(*map(str, parts))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def partial(target: Path) -> Path:
+    """Where to build ``target`` before renaming it into place: beside it, named by this process,
+    so that a crashed build is found (``helpers.leftovers()``) and never mistaken for the real one."""
+    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
+PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)")
+
+
+def publish(target: Path, data: bytes) -> Path:
+    """Write ``target`` atomically: a concurrent reader sees the whole file or none."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = partial(target)
+    scratch.write_bytes(data)
+    scratch.replace(target)
+    return target
 
 
 def free_port() -> int:

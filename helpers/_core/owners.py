@@ -10,11 +10,12 @@ Sweeps run by ``stage``: what runs inside something else goes first.
 import functools
 import importlib
 import pkgutil
+import shutil
 from pathlib import Path
 from typing import Callable
 
 from helpers._core import procfs
-from helpers._core.names import PREFIX, STATE
+from helpers._core.names import CACHE, PARTIAL, PREFIX, STATE
 
 CLUSTERS = 10     # kind clusters: their nodes are containers
 WORKLOADS = 20    # sandboxes, VMs, pods, runc containers, swarm services
@@ -113,12 +114,24 @@ def _state():
                   if not p.is_dir() and not any(p.is_relative_to(k) for k in _kept))
 
 
+def _partials():
+    """Half-built files and folders (``names.partial``) whose builder is dead, in CACHE and STATE."""
+    found = []
+    for top in (CACHE, STATE):
+        for depth in ("", "*/", "*/*/"):
+            for path in top.glob(f"{depth}.*.partial-*"):
+                match = PARTIAL.fullmatch(path.name)
+                if match and not procfs.alive(int(match["pid"])):
+                    found.append(str(path))
+    return sorted(found)
+
+
 def leftovers() -> list[str]:
     """Everything of the course's still alive on this machine, one line each."""
     _import_all()
     found = ([f"mount {m}" for m in _mounts()] + [f"cgroup {c}" for c in _cgroups()]
              + [f"netns {n}" for n in _netns()] + [f"link {n}" for n in _links()]
-             + [f"process {p}" for p in procfs.ours()] + [f"state {s}" for s in _state()])
+             + [f"process {p}" for p in procfs.ours()] + [f"state {s}" for s in _state()] + [f"partial {p}" for p in _partials()])
     for fn in _listers:
         found += fn()
     return found
@@ -138,5 +151,7 @@ def cleanup() -> list[str]:
             break
         procfs.unmount(points)
     procfs.kill([p.pid for p in procfs.ours()])
+    for path in map(Path, _partials()):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     after = set(leftovers())
     return [item for item in before if item not in after]

@@ -9,14 +9,13 @@ The archive is written here (the ``newc`` format is a 110-byte ASCII header per 
 """
 import gzip
 import hashlib
-import os
 import re
 import shutil
 import struct
 from pathlib import Path
 
 from helpers.errors import MissingTool, NotSupported
-from helpers._core.names import CACHE
+from helpers._core.names import CACHE, publish
 
 _TRAILER = "TRAILER!!!"
 _DIR, _FILE, _LINK = 0o040000, 0o100000, 0o120000
@@ -97,9 +96,6 @@ def build(init, *, modules=()):
                 for n, p in zip(names, modules)]
     archive = newc(entries)
     path = CACHE / "initramfs" / f"{hashlib.sha256(archive).hexdigest()[:16]}.cpio.gz"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")   # another process may race us
-        partial.write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
-        partial.rename(path)
+    if not path.exists():                       # another process may race us: both write the same
+        publish(path, gzip.compress(archive, compresslevel=6, mtime=0))
     return path

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool, NotSupported
+from helpers._core import names
 from helpers._core.names import CACHE
 
 GUESTS = Path(__file__).with_name("guests")
@@ -254,10 +255,7 @@ def assemble(source, *, at=ENTRY, name="guest", **symbols):
                 raise BadInput(f"{command[0]} rejected guest {name!r}:\n{done.stderr.strip()}",
                                fix="fix the assembly source")
         code = out.read_bytes()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(f".{os.getpid()}")
-    partial.write_bytes(code)
-    partial.replace(cached)  # atomic: a concurrent run sees the whole file or none
+    names.publish(cached, code)
     return code
 
 
