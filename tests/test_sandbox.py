@@ -35,8 +35,8 @@ def test_a_command_must_be_a_string_or_a_list_of_strings(command):
 def test_capabilities_are_docker_s_default_set_unless_asked():
     assert {"SYS_ADMIN", "NET_ADMIN", "SYS_MODULE"}.isdisjoint(sandbox.DEFAULT_CAPS)
     assert len(sandbox.DEFAULT_CAPS) == 14 and sandbox.DEFAULT_CAPS <= set(sandbox.CAPABILITIES)
-    assert sandbox._caps(["cap_net_admin", "SYS_TIME"]) == {"NET_ADMIN", "SYS_TIME"}
-    assert sandbox._caps("ALL") == set(sandbox.CAPABILITIES)
+    assert sandbox.security.caps(["cap_net_admin", "SYS_TIME"]) == {"NET_ADMIN", "SYS_TIME"}
+    assert sandbox.security.caps("ALL") == set(sandbox.CAPABILITIES)
 
 
 def test_the_command_line_and_the_magic_share_one_parser():
