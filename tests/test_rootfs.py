@@ -77,6 +77,17 @@ def test_lookup_sees_layers_top_first_and_honours_whiteouts(tmp_path):
     assert rootfs.lookup([low], "tool") is None
 
 
+@pytest.mark.parametrize("name, rule", [
+    ("etc/.wh.group", ("deleted", "etc/group")), (".wh.motd", ("deleted", "motd")),
+    ("data/.wh..wh..opq", ("opaque", "data")), (".wh..wh..opq", ("opaque", "")),
+    ("etc/group", None), ("etc/x.wh.y", None),
+])
+def test_the_whiteout_rules_read_a_layer_entry(name, rule):
+    assert rootfs.whiteout(name) == rule
+    if rule and rule[0] == "deleted":          # and write one: the same rule both ways
+        assert rootfs.whiteout_entry(rule[1]) == name
+
+
 @root
 def test_an_overlay_copies_on_write_and_leaves_whiteouts():
     lower = rootfs.busybox_rootfs()
@@ -93,7 +104,7 @@ def test_an_overlay_copies_on_write_and_leaves_whiteouts():
         assert not (fs.merged / "etc" / "group").exists()
         assert "guest" in (fs.upper / "etc" / "passwd").read_text()
         assert (lower / "etc" / "passwd").read_text() == passwd and (lower / "etc" / "group").exists()
-        layer = rootfs.commit(fs.upper)
+        layer = oci.commit(fs.upper)
         path = fs.path
     assert not path.exists()
     assert layer.names() == ["etc", "etc/.wh.group", "etc/passwd"]

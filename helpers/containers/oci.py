@@ -11,6 +11,7 @@ documents that point at each other by digest::
                            cmd=["cat", "/hello.txt"])
     layout.unpack(ref, rootfs)            # the layers applied in order, whiteouts honoured
     layout.archive(tarball)               # one tar, what ``ctr images import`` reads
+    oci.commit(overlay.upper)             # a container's upper layer as a layer: docker commit
 
 Layers are reproducible (entries sorted, owner 0, a fixed mtime, gzip without a timestamp),
 so the same content always has the same digest. ``helpers.runc`` turns an image into a bundle.
@@ -36,8 +37,6 @@ MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME = "org.opencontainers.image.ref.name"     # the tag, in index.json (OCI)
 IMAGE_NAME = "io.containerd.image.name"             # the full name, read by ``ctr images import``
-WHITEOUT = ".wh."                                   # ".wh.<name>": <name> is deleted by this layer
-OPAQUE = ".wh..wh..opq"                             # this directory hides what lower layers had
 EPOCH = 0                                           # every entry's mtime: 1970-01-01, reproducible
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SKIP = {"dev", rootfs._MARKER}                     # the runtime makes /dev; the marker is a cache's
@@ -136,8 +135,7 @@ def layer(files=None, *, delete=(), comment=""):
             raise BadInput(f"the content of {name!r} must be str or bytes, not {type(content).__name__}")
         entries[_clean(name)] = data
     for name in delete:
-        parent, _, base = _clean(name).rpartition("/")
-        entries[f"{parent}/{WHITEOUT}{base}" if parent else f"{WHITEOUT}{base}"] = b""
+        entries[rootfs.whiteout_entry(_clean(name))] = b""
     dirs = sorted({"/".join(p.split("/")[:i]) for p in entries for i in range(1, p.count("/") + 1)})
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -153,6 +151,21 @@ def layer(files=None, *, delete=(), comment=""):
                 tar.addfile(info)
     what = ", ".join([f"+{n}" for n in files] + [f"-{n}" for n in delete])
     return Layer.from_tar(out.getvalue(), comment or what)
+
+
+def commit(upper, comment="committed"):
+    """A container's upper layer (``rootfs.Overlay.upper``, ``Sandbox.upper``) as an image layer,
+    what ``docker commit`` keeps: its files, plus a ``.wh.`` entry for each whiteout. Files
+    only: modes are 0644, or 0755 for scripts (see ``layer``)."""
+    upper = Path(upper)
+    files, deleted = {}, []
+    for rel, what in rootfs.changes(upper).items():
+        path = upper / rel
+        if what == "deleted":
+            deleted.append(rel)
+        elif what == "changed" and path.is_file() and not path.is_symlink():
+            files[rel] = path.read_bytes()
+    return layer(files, delete=deleted, comment=comment)
 
 
 def _clean(name):
@@ -320,18 +333,19 @@ def apply(x, target):
     made), then its entries. An entry that would land outside ``target`` is refused."""
     target = Path(target).resolve()
     with tarfile.open(fileobj=io.BytesIO(x.tar)) as tar:
-        members = tar.getmembers()
-        for m in members:
-            parent, _, base = m.name.rpartition("/")
-            if base == OPAQUE:
-                folder = _inside(target, parent) if parent else target
+        members = [(m, rootfs.whiteout(m.name)) for m in tar.getmembers()]
+        for _, rule in members:
+            if rule is None:
+                continue
+            kind, rel = rule
+            if kind == "opaque":
+                folder = _inside(target, rel) if rel else target
                 for child in folder.iterdir() if folder.is_dir() else ():
                     _remove(child)
-            elif base.startswith(WHITEOUT):
-                _remove(_inside(target, f"{parent}/{base[len(WHITEOUT):]}"))
-        for m in members:
-            base = m.name.rpartition("/")[2]
-            if base.startswith(WHITEOUT):
+            else:
+                _remove(_inside(target, rel))
+        for m, rule in members:
+            if rule is not None:
                 continue
             path = _inside(target, m.name)
             if m.isdir():

@@ -40,8 +40,8 @@ _MARKER = ".cnlab-rootfs"
 PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 STATE = names.STATE / "sandbox"     # per-container upper/work/merged dirs, unpacked layers
 LAYERS = owners.keeps(STATE / "layers")   # unpacked once, kept: a cache, not a leak
-WHITEOUT = ".wh."                       # as in helpers.oci: a layer's "<dir>/.wh.<name>"
-OPAQUE = ".wh..wh..opq"
+WHITEOUT = ".wh."                       # a layer's "<dir>/.wh.<name>": <name> is deleted
+OPAQUE = ".wh..wh..opq"                 # a layer's "<dir>/.wh..wh..opq": <dir> hides what is below
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 _fingerprints = {}                      # (path, inode, size, mtime) -> sha256: hash busybox once
 _checked = {}                           # rootfs -> the stamps of its marker, its shell, busybox
@@ -333,6 +333,24 @@ def _xattr(path, name):
 
 # --- image layers -----------------------------------------------------------------------------
 
+def whiteout(name: str) -> tuple[str, str] | None:
+    """What a layer entry's name means by the OCI image spec's whiteout rules: ("deleted", path)
+    for ``<dir>/.wh.<name>`` (``path`` is ``<dir>/<name>``), ("opaque", dir) for
+    ``<dir>/.wh..wh..opq`` ("" is the root), None for an ordinary entry."""
+    parent, _, base = name.rstrip("/").rpartition("/")
+    if base == OPAQUE:
+        return "opaque", parent
+    if base.startswith(WHITEOUT):
+        return "deleted", f"{parent}/{base[len(WHITEOUT):]}" if parent else base[len(WHITEOUT):]
+    return None
+
+
+def whiteout_entry(path: str) -> str:
+    """The layer entry that deletes ``path``: ``etc/group`` -> ``etc/.wh.group``."""
+    parent, _, base = path.rpartition("/")
+    return f"{parent}/{WHITEOUT}{base}" if parent else f"{WHITEOUT}{base}"
+
+
 def unpack(layer, target):
     """Unpack one image layer (a ``helpers.oci.Layer``) into an empty directory the way overlayfs
     stores a layer: a ``.wh.<name>`` entry becomes a whiteout (char device 0:0) called ``<name>``,
@@ -340,23 +358,20 @@ def unpack(layer, target):
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(layer.tar)) as tar:
-        members = tar.getmembers()
-        tar.extractall(target, members=[m for m in members if not _base(m).startswith(WHITEOUT)],
-                       filter="tar")
-        for m in members:
-            parent, _, base = m.name.rpartition("/")
-            if base == OPAQUE:
-                folder = target / parent
+        members = [(m, whiteout(m.name)) for m in tar.getmembers()]
+        tar.extractall(target, members=[m for m, rule in members if rule is None], filter="tar")
+        for _, rule in members:
+            if rule is None:
+                continue
+            kind, rel = rule
+            if kind == "opaque":
+                folder = target / rel
                 folder.mkdir(parents=True, exist_ok=True)
                 os.setxattr(folder, _OPAQUE_XATTR, b"y")
-            elif base.startswith(WHITEOUT):
-                (target / parent).mkdir(parents=True, exist_ok=True)
-                os.mknod(target / parent / base[len(WHITEOUT):], stat.S_IFCHR | 0o000, os.makedev(0, 0))
+            else:
+                (target / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.mknod(target / rel, stat.S_IFCHR | 0o000, os.makedev(0, 0))
     return target
-
-
-def _base(member):
-    return member.name.rpartition("/")[2]
 
 
 def layer_dirs(layers, *, where=None):
@@ -379,21 +394,6 @@ def layer_dirs(layers, *, where=None):
                     raise
         found.append(target)
     return found
-
-
-def commit(upper, comment="committed"):
-    """An upper layer as an image layer (``docker commit``): its files, plus a ``.wh.`` entry for
-    each whiteout. Files only: modes are 0644, or 0755 for scripts (see helpers.oci.layer)."""
-    from helpers.containers import oci
-    upper = Path(upper)
-    files, deleted = {}, []
-    for rel, what in changes(upper).items():
-        path = upper / rel
-        if what == "deleted":
-            deleted.append(rel)
-        elif what == "changed" and path.is_file() and not path.is_symlink():
-            files[rel] = path.read_bytes()
-    return oci.layer(files, delete=deleted, comment=comment)
 
 
 # --- chroot and its escape --------------------------------------------------------------------
