@@ -234,6 +234,13 @@ def test_bad_names_and_statuses_are_refused(image):
     with pytest.raises(BadInput, match="no image"):
         runc.Bundle.from_image(image, "cnlab/nothing:1", "x")
     assert not (runc.BUNDLES / "cnlab-x").exists()
+    with runc.Container(runc.Bundle.from_image(image, "cnlab/hello:1", "statuses")) as box:
+        for step, status in ((box.create, "created"), (box.start, "running"),
+                             (lambda: box.kill("KILL"), "stopped")):
+            step()
+            with pytest.raises(BadInput, match="not a lifecycle status"):
+                box.wait("exited", timeout=0.5)           # Docker's word, not the runtime spec's
+            assert box.state().status == status and box.wait(status).status == status
 
 
 @pytest.mark.requires("runc")
