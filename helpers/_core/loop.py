@@ -36,7 +36,7 @@ class Watch:
 class Stream:
     """An iterable and what to close with it: Docker's events and the client they came from."""
 
-    def __init__(self, events: Iterable[Any], *closers: Callable[[], object]):
+    def __init__(self, events: Iterable[Any], *closers: Callable[[], object]) -> None:
         self.events, self.closers = events, closers
 
     def __iter__(self) -> Iterator[Any]:
@@ -58,7 +58,7 @@ class Loop:
 
     def __init__(self, step: Callable[[frozenset | None], object], *, resync: float, name: str,
                  watches: Iterable[Watch] = (), retry: float = 1.0,
-                 on_error: Callable[[str, Exception], object] = lambda where, error: None):
+                 on_error: Callable[[str, Exception], object] = lambda where, error: None) -> None:
         self.step, self.resync, self.name, self.watches = step, resync, name, list(watches)
         self.retry, self.on_error = retry, on_error
         self.log: deque = deque(maxlen=200)

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from helpers.containers import cri, oci
 from helpers._core import daemon, names, owners, procfs
@@ -90,7 +91,7 @@ def _cni_bin():
     raise MissingTool("the CNI plugins", package="containernetworking-plugins")
 
 
-def conflist():
+def conflist() -> dict[str, Any]:
     """The pod network: a bridge on this machine, addresses from SUBNET, no NAT to the outside."""
     return {"cniVersion": "1.0.0", "name": names.PREFIX, "plugins": [
         {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False,
@@ -98,13 +99,13 @@ def conflist():
                   "dataDir": str(HOME / "cni-ipam")}}]}
 
 
-def config(snapshotter="overlayfs"):
+def config(snapshotter: str = "overlayfs") -> str:
     """The config.toml text of the course's containerd."""
     return _CONFIG.format(home=HOME, socket=SOCKET, pause=PAUSE, cni_bin=_cni_bin(),
                           snapshotter=snapshotter)
 
 
-def images():
+def images() -> oci.Layout:
     """The course's two containerd images, in one OCI layout (they share the busybox layer)."""
     layout = oci.Layout.create(HOME / "images")
     base = oci.busybox_layer()
@@ -136,12 +137,12 @@ class Containerd:
     address = str(SOCKET)
     namespace = NAMESPACE
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.daemon: daemon.Daemon | None = None
         self.snapshotter: str | None = None
 
     @property
-    def process(self):
+    def process(self) -> subprocess.Popen | None:
         """The containerd process (a ``subprocess.Popen``) while it runs, else None."""
         return self.daemon.process if self.daemon else None
 
@@ -175,7 +176,7 @@ class Containerd:
         self.snapshotter = snapshotter
         # The pods' bridge lives as long as the daemon: made now, not by the first pod's CNI call.
         subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], capture_output=True)
-        self.daemon = daemon.Daemon(["containerd", "--config", HOME / "config.toml"],
+        self.daemon = daemon.Daemon(["containerd", "--config", str(HOME / "config.toml")],
                                     log=HOME / "containerd.log", what="containerd",
                                     error=ContainerdError)
         with cri.Client(self.address, timeout=2) as client:
@@ -191,7 +192,7 @@ class Containerd:
                 return fields[-1] == "ok"
         return False
 
-    def ctr(self, *args, timeout: float = 60) -> str:
+    def ctr(self, *args: object, timeout: float = 60) -> str:
         """Run ``ctr -a <our socket> -n k8s.io <args>`` and return what it printed."""
         command = ["ctr", "--address", self.address, "--namespace", self.namespace, *map(str, args)]
         try:
@@ -202,7 +203,7 @@ class Containerd:
             raise ContainerdError(f"`ctr {' '.join(map(str, args))}` failed: {done.stderr.strip()}")
         return done.stdout
 
-    def import_layout(self, layout) -> list[str]:
+    def import_layout(self, layout: oci.Layout) -> list[str]:
         """Import every image of an oci.Layout (as one OCI archive) and unpack it for the CRI."""
         archive = layout.archive(layout.path.with_suffix(".tar"))
         try:
@@ -217,10 +218,10 @@ class Containerd:
         _teardown(self.daemon, timeout)
         self.daemon = None
 
-    def __enter__(self):
+    def __enter__(self) -> "Containerd":
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -248,13 +249,13 @@ def _teardown(server: daemon.Daemon | None, timeout=10):
 
 
 @owners.sweeper(owners.RUNTIMES)
-def sweep():
+def sweep() -> None:
     """Remove the course's containerd and everything it ran (pods, shims, mounts, bridge)."""
     _teardown(None)
 
 
 @owners.sweeper(owners.WORKLOADS)
-def sweep_pods():
+def sweep_pods() -> None:
     """Remove every cnlab pod of the course's containerd, if it is running, with the pods' logs
     and cgroups (the daemon itself and its state go with ``sweep()``)."""
     if pid() and SOCKET.exists():

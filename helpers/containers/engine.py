@@ -12,11 +12,16 @@ and ``sweep()`` removes it (images are kept: a cache).
 """
 import contextlib
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from helpers import errors
 from helpers._core import owners
 from helpers._core.names import LABEL, PREFIX
 from helpers.errors import LabError, LabTimeout
+
+if TYPE_CHECKING:
+    import docker
 
 BUSYBOX = f"{PREFIX}/busybox"
 OWNER = {LABEL: "images"}     # on what the labs build and run (the busybox base says "course": a cache)
@@ -24,7 +29,7 @@ BUILT = f"{LABEL}={OWNER[LABEL]}"
 
 
 class EngineUnavailable(errors.Unavailable):
-    def __init__(self, where=None):
+    def __init__(self, where: str | None = None) -> None:
         super().__init__(f"no Docker engine answers{f' at {where}' if where else ''}",
                          fix="start it with `sudo dockerd &` (or run `make test` as root, which does)")
 
@@ -33,7 +38,7 @@ class EngineTimeout(EngineUnavailable, LabTimeout):
     """Something listens on the engine's socket but does not answer in time. Both an
     EngineUnavailable (callers that only check for an engine keep working) and a LabTimeout."""
 
-    def __init__(self, where, timeout):
+    def __init__(self, where: str | None, timeout: float | None) -> None:
         LabError.__init__(self, f"the Docker engine{f' at {where}' if where else ''} did not answer "
                                 f"within {timeout} s",
                           fix="is dockerd stuck? read its log, or pass a larger timeout=")
@@ -42,7 +47,7 @@ class EngineTimeout(EngineUnavailable, LabTimeout):
 class ImageMissing(errors.NotFound):
     """The image is not on this engine, and no registry is reachable to pull it from."""
 
-    def __init__(self, ref):
+    def __init__(self, ref: str) -> None:
         how = ("images.busybox()" if ref.startswith(BUSYBOX) else
                f"images.build({ref.split('@')[0]!r}, dockerfile, files)")
         super().__init__(f"image {ref} is not on this Docker engine (nothing can be pulled here)",
@@ -67,7 +72,7 @@ def _timed_out(error):
 
 
 @contextlib.contextmanager
-def calling(what, ref=None, timeout=None):
+def calling(what: str, ref: str | None = None, timeout: float | None = None) -> Iterator[None]:
     """Turn docker-py's and requests' exceptions into the course's."""
     import docker
     import requests
@@ -86,7 +91,7 @@ def calling(what, ref=None, timeout=None):
         raise EngineUnavailable() from e
 
 
-def client(timeout=60, base_url=None):
+def client(timeout: float = 60, base_url: str | None = None) -> "docker.DockerClient":
     """A docker-py client (``base_url``, else DOCKER_HOST, else the default socket). Nothing
     listening there: EngineUnavailable; something listening that does not answer within
     ``timeout`` seconds: EngineTimeout (an EngineUnavailable that is also a LabTimeout)."""
@@ -105,7 +110,7 @@ def client(timeout=60, base_url=None):
 
 
 @owners.lister
-def leftovers():
+def leftovers() -> list[str]:
     """Containers, networks, volumes and images labelled ``cnlab`` in the Docker engine."""
     try:
         c = client(timeout=5)
@@ -123,7 +128,7 @@ def leftovers():
 
 
 @owners.sweeper(owners.RUNTIMES + 5)
-def sweep():
+def sweep() -> None:
     """Remove every container, network and volume labelled ``cnlab``, and the images labs built
     (the busybox base image is kept: a cache every lab shares)."""
     import docker

@@ -22,11 +22,17 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from helpers._core import names, owners, procfs
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
+
+if TYPE_CHECKING:
+    from helpers.containers import oci
 
 ROOT = names.STATE / "runc"          # runc --root: one state.json per container
 BUNDLES = names.STATE / "bundles"    # one bundle per container, named like it
@@ -38,7 +44,7 @@ class RuncError(LabError):
     """runc refused a command; the message is runc's own."""
 
 
-def runc(*args, timeout=30, **options):
+def runc(*args: object, timeout: float = 30, **options: Any) -> str:
     """Run ``runc --root ROOT <args>`` and return its stdout; RuncError with runc's message."""
     if shutil.which("runc") is None:
         raise MissingTool("runc")
@@ -64,7 +70,7 @@ def _said(text):
     return (found[-1].encode().decode("unicode_escape") if found else text).strip()
 
 
-def spec():
+def spec() -> dict[str, Any]:
     """The default config.json that ``runc spec`` writes, as a dict (made in a temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="cnlab-spec.") as folder:
         runc("spec", "--bundle", folder)
@@ -82,15 +88,16 @@ def _named(name):
 class Bundle:
     """A runtime bundle: a folder with ``config.json`` (the runtime spec) and ``rootfs/``."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | PathLike[str]) -> None:
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise BadInput(f"{self.path} is not a bundle (no config.json)",
                            fix="make one with runc.Bundle.from_image(layout, image)")
 
     @classmethod
-    def from_image(cls, layout, image, name=None, *, args=None, env=(), hostname="cnlab",
-                   readonly=True):
+    def from_image(cls, layout: "oci.Layout", image: str, name: str | None = None, *,
+                   args: Iterable[str] | None = None, env: Iterable[str] = (), hostname: str = "cnlab",
+                   readonly: bool = True) -> "Bundle":
         """Unpack ``image`` from an oci.Layout into a new bundle named ``cnlab-<name>``, with the
         config.json ``runc spec`` makes, edited: the image's command (or ``args``), env and
         working directory, ``hostname``, no terminal (stdio are plain files), a read-only root."""
@@ -118,18 +125,18 @@ class Bundle:
         return cls(path)
 
     @property
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return json.loads((self.path / "config.json").read_text())
 
-    def remove(self):
+    def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         with contextlib.suppress(OSError):
             BUNDLES.rmdir()               # the last bundle takes the folder with it
 
-    def __enter__(self):
+    def __enter__(self) -> "Bundle":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
@@ -148,13 +155,13 @@ class Container:
     ``runc create``, the container simply inherits the file descriptors runc was given.
     Leaving the ``with`` block deletes it (killing it if needed) and removes its bundle."""
 
-    def __init__(self, bundle, name=None):
+    def __init__(self, bundle: Bundle | str | PathLike[str], name: str | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.id = _named(name) if name else self.bundle.path.name
         self.stdout = self.bundle.path / "stdout"
         self.stderr = self.bundle.path / "stderr"
 
-    def create(self):
+    def create(self) -> State:
         """Set up namespaces, cgroup and mounts; the process is not started yet."""
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             try:
@@ -163,21 +170,21 @@ class Container:
                 raise RuncError(f"runc create {self.id} failed: {_said(self.errors())}") from e
         return self.state()
 
-    def start(self):
+    def start(self) -> State:
         """Run the process of config.json (runc init execs it)."""
         runc("start", self.id)
         return self.state()
 
-    def state(self):
+    def state(self) -> State:
         raw = json.loads(runc("state", self.id))
         return State(raw["id"], raw["status"], raw["pid"], raw["bundle"])
 
-    def kill(self, signal="TERM"):
+    def kill(self, signal: str | int = "TERM") -> None:
         """Send a signal to the container's process (PID 1 inside: it ignores signals it has no
         handler for, so TERM may do nothing; KILL always works)."""
         runc("kill", self.id, signal)
 
-    def wait(self, status="stopped", timeout=10):
+    def wait(self, status: str = "stopped", timeout: float = 10) -> State:
         """Poll ``runc state`` until the container reaches ``status``."""
         if status not in STATUSES:
             raise BadInput(f"{status!r} is not a lifecycle status", fix=f"use one of {STATUSES}")
@@ -189,23 +196,23 @@ class Container:
             time.sleep(0.02)
         return state
 
-    def delete(self, force=False):
+    def delete(self, force: bool = False) -> None:
         """Remove runc's state and the container's cgroup (``force``: kill it first)."""
         runc("delete", *(["--force"] if force else []), self.id)
 
-    def exists(self):
+    def exists(self) -> bool:
         return any(c.id == self.id for c in containers())
 
-    def output(self):
+    def output(self) -> str:
         return self.stdout.read_text() if self.stdout.exists() else ""
 
-    def errors(self):
+    def errors(self) -> str:
         return self.stderr.read_text() if self.stderr.exists() else ""
 
-    def __enter__(self):
+    def __enter__(self) -> "Container":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         try:
             if self.exists():
                 self.delete(force=True)
@@ -213,7 +220,7 @@ class Container:
             self.bundle.remove()
 
 
-def containers():
+def containers() -> list[State]:
     """Every container in the course's runc root, as States."""
     if not ROOT.is_dir() or shutil.which("runc") is None:
         return []
@@ -222,7 +229,7 @@ def containers():
 
 
 @owners.sweeper(owners.WORKLOADS)
-def sweep():
+def sweep() -> None:
     """Delete (forcibly) every container in the course's runc root, then the bundles."""
     for c in containers():
         with contextlib.suppress(RuncError):
