@@ -19,14 +19,19 @@ import re
 import shutil
 import tarfile
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from helpers.containers import cgroups, engine, ns
 from helpers.containers.engine import (  # noqa: F401  the Docker client, re-exported for the labs
     EngineTimeout, EngineUnavailable, ImageMissing, client)
 from helpers.errors import BadInput, MissingTool
 from helpers._core.names import LABEL, PREFIX
+
+if TYPE_CHECKING:
+    import docker
 
 BUSYBOX = engine.BUSYBOX
 OWNER = engine.OWNER                  # on what this module builds and runs
@@ -58,7 +63,7 @@ def _context(dockerfile, files):
     return context
 
 
-def busybox(tag="latest"):
+def busybox(tag: str = "latest") -> str:
     """Build (once) and return the name of the course's busybox image."""
     ref = f"{BUSYBOX}:{tag}"
     path = shutil.which("busybox")
@@ -81,7 +86,8 @@ def _ref(ref):
     return ref
 
 
-def build(ref, dockerfile, files=None, *, timeout=120):
+def build(ref: str, dockerfile: str, files: Mapping[str, str | bytes | Path] | None = None, *,
+          timeout: float = 120) -> str:
     """Build an image from a Dockerfile (text) and ``files`` ({name: text | bytes | Path}),
     offline: its FROM must be an image this engine already has (ImageMissing otherwise)."""
     _ref(ref)
@@ -108,7 +114,7 @@ class Layer:
     size: int
 
 
-def layers(ref):
+def layers(ref: str) -> list[Layer]:
     """The image's history, oldest first, each step with the layer it added (if any).
     The history API does not say which steps made a layer; the image's config does, so the
     config is read from ``docker save`` (the same JSON an OCI image config holds)."""
@@ -117,14 +123,15 @@ def layers(ref):
         archive = b"".join(image.save(named=False))
         sizes = [h["Size"] for h in reversed(image.history())]
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))[0]
-        config = json.load(tar.extractfile(manifest["Config"]))
+        # docker save writes both as regular files: extractfile() gives no None for them
+        manifest = json.load(cast(IO[bytes], tar.extractfile("manifest.json")))[0]
+        config = json.load(cast(IO[bytes], tar.extractfile(manifest["Config"])))
     diff_ids = iter(config["rootfs"]["diff_ids"])
     return [Layer(h.get("created_by", ""), None if h.get("empty_layer") else next(diff_ids), size)
             for h, size in zip(config["history"], sizes)]
 
 
-def remove_image(ref):
+def remove_image(ref: str) -> None:
     """Remove an image this module built ("already gone" is fine)."""
     import docker
     with contextlib.closing(client()) as c, engine.calling(f"removing {ref}", ref=ref):
@@ -134,7 +141,7 @@ def remove_image(ref):
 
 # --- containers -------------------------------------------------------------------------------
 
-def parse_memory(value):
+def parse_memory(value: str | int) -> int:
     """Docker's memory forms, checked strictly: bytes (67108864), or a whole number with b, k, m
     or g (``64m``, ``1g``; either case; binary units). Below Docker's 6 MiB minimum is BadInput."""
     forms = "bytes, or a whole number with b, k, m or g: '64m', '1g'"
@@ -177,51 +184,52 @@ class Container:
     """A running Docker container labelled ``cnlab``; the ``with`` block removes it.
     ``docker`` is the docker-py Container, for everything else."""
 
-    def __init__(self, container, timeout):
+    def __init__(self, container: "docker.models.containers.Container", timeout: float) -> None:
         self.docker = container
         self.timeout = timeout
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.docker.name
 
     @property
-    def pid(self):
+    def pid(self) -> int:
         """The container's PID 1, as the host sees it."""
         self.docker.reload()
         return self.docker.attrs["State"]["Pid"]
 
-    def exec(self, command):
+    def exec(self, command: str | Sequence[str]) -> tuple[int, str]:
         """Run a command inside; return (exit code, output)."""
         with engine.calling(f"exec in {self.name}", timeout=self.timeout):
             code, output = self.docker.exec_run(command)
         return code, output.decode(errors="replace")
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> int:
         """Wait for the container to end; return its exit status (137: it was SIGKILLed)."""
         timeout = timeout or self.timeout
         with engine.calling(f"waiting for {self.name}", timeout=timeout):
             return self.docker.wait(timeout=timeout)["StatusCode"]
 
-    def logs(self):
+    def logs(self) -> str:
         with engine.calling(f"logs of {self.name}", timeout=self.timeout):
             return self.docker.logs().decode(errors="replace")
 
-    def remove(self):
+    def remove(self) -> None:
         import docker
         with engine.calling(f"removing {self.name}", timeout=self.timeout), \
                 contextlib.suppress(docker.errors.NotFound):
             self.docker.remove(force=True)
 
-    def __enter__(self):
+    def __enter__(self) -> "Container":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
-def run(image, command=None, *, name=None, memory=None, cpus=None, pids=None, timeout=60,
-        **options):
+def run(image: str, command: str | Sequence[str] | None = None, *, name: str | None = None,
+        memory: str | int | None = None, cpus: float | str | None = None, pids: int | None = None,
+        timeout: float = 60, **options: Any) -> Container:
     """Start a container (detached) named ``cnlab-<name>`` with these limits: ``memory`` ("64m"),
     ``cpus`` (0.5) and ``pids`` (20). Everything is checked before Docker is called; an image
     that is not here is ImageMissing (nothing is pulled). ``options`` go to docker-py's run."""
@@ -251,12 +259,12 @@ class HostView:
     cpus: float | None      # quota / period
     pids: int | None
 
-    def isolated(self):
+    def isolated(self) -> list[str]:
         """The namespace kinds in which the container differs from the host."""
         return sorted(kind for kind, (inside, host) in self.namespaces.items() if inside != host)
 
 
-def host_view(container, host="self"):
+def host_view(container: Container | int, host: int | str = "self") -> HostView:
     """Read, from /proc and /sys/fs/cgroup only, what makes ``container`` (a Container, or a
     pid) a container. ``host`` is the process to compare with (default: this one)."""
     pid = container.pid if isinstance(container, Container) else int(container)

@@ -26,9 +26,12 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
+from typing import Any, Self
 
 from helpers._core import libc, names, owners, procfs
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
@@ -55,7 +58,7 @@ _CLOCKS = ("monotonic", "boottime")        # the clocks a time namespace can off
 _PR_SET_NAME = 15                          # prctl(2): this thread's name, /proc/<pid>/comm
 
 
-def probe(kind):
+def probe(kind: str) -> str | None:
     """Try to create a namespace of this kind in a child; return None, or why it failed."""
     pid = os.fork()
     if pid == 0:
@@ -69,7 +72,7 @@ def probe(kind):
     return None if code == 0 else f"unshare({kind}) failed: {os.strerror(code)}"
 
 
-def flags(kinds):
+def flags(kinds: str | Iterable[str]) -> int:
     """The CLONE_NEW* flags for namespace names like ["pid", "mnt"]; BadInput names the valid ones."""
     if isinstance(kinds, str):
         kinds = [kinds]
@@ -83,7 +86,7 @@ def flags(kinds):
     return value
 
 
-def unshare(kind):
+def unshare(kind: str) -> None:
     """Create one new namespace for the calling process. Only ever call it in a forked child."""
     try:
         libc.unshare(NAMESPACES[kind])
@@ -95,7 +98,7 @@ class Namespace:
     """An open namespace, like lxns': it owns a file descriptor on ``/proc/<pid>/ns/<kind>``
     or on a bind mount such as ``/run/netns/<name>``, which keeps the namespace alive."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | PathLike[str]) -> None:
         self.path = str(path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -106,12 +109,12 @@ class Namespace:
             raise OSError(e.errno, f"{self.path} is not a namespace: {e.strerror}", self.path) from e
 
     @classmethod
-    def of(cls, pid, kind):
+    def of(cls, pid: int | str, kind: str) -> Self:
         """The namespace of this kind that process ``pid`` is in."""
         flags([kind])
         return cls(f"/proc/{pid}/ns/{kind}")
 
-    def enter(self):
+    def enter(self) -> None:
         """setns(2) into it. Only ever call it in a forked child (see ``run(join=...)``)."""
         try:
             libc.setns(self.fd, NAMESPACES[self.kind])
@@ -119,15 +122,15 @@ class Namespace:
             raise OSError(e.errno, f"cannot join {self.kind} namespace {self}: {e.strerror}",
                           self.path) from e
 
-    def close(self):
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __eq__(self, other):
@@ -158,11 +161,11 @@ def _inode(pid, kind):
     return int(link[link.index("[") + 1:-1])
 
 
-def namespaces(pid="self"):
+def namespaces(pid: int | str = "self") -> list[NsInfo]:
     """The namespaces of process ``pid`` (type, inode, sharing pids), read from /proc like lsns."""
     pid = os.getpid() if pid == "self" else int(pid)
     mine = {kind: _inode(pid, kind) for kind in NAMESPACES}
-    sharing = {kind: [] for kind in NAMESPACES}
+    sharing: dict[str, list[int]] = {kind: [] for kind in NAMESPACES}
     for other in procfs.pids():
         for kind, inode in mine.items():
             try:
@@ -173,7 +176,7 @@ def namespaces(pid="self"):
     return [NsInfo(kind, mine[kind], tuple(sorted(sharing[kind]))) for kind in NAMESPACES]
 
 
-def lsns(pid):
+def lsns(pid: int | str) -> list[dict[str, Any]]:
     """What util-linux's ``lsns -p <pid>`` says: a list of {"kind", "inode", "nprocs"}."""
     if not shutil.which("lsns"):
         raise MissingTool("lsns", package="util-linux")
@@ -183,7 +186,7 @@ def lsns(pid):
             for n in json.loads(out)["namespaces"]]
 
 
-def children(pid=None):
+def children(pid: int | None = None) -> list[int]:
     """The pids of the children of ``pid`` (default: this process), zombies included: what
     ``start()`` left running or unreaped. A notebook checks it is empty at the end."""
     pid = os.getpid() if pid is None else int(pid)
@@ -195,19 +198,23 @@ def children(pid=None):
 @dataclass
 class Result:
     """How a child ended: its pid (on the host), exit status, output and return value."""
-    pid: int
+    pid: int | None       # None only if it ended before it could report one
     status: int           # as a shell reports it: the exit code, or 128 + the signal number
     signal: int | None    # the signal that killed it (9 for an OOM kill), or None
     output: str           # stdout and stderr, interleaved as written
     value: object = None  # what the callable returned (None for a command)
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.status == 0
 
 
-def start(target, *args, new=(), join=None, cgroup=None, hostname=None, uid_map=None,
-          gid_map=None, clocks=None):
+def start(target: Callable[..., Any] | Sequence[str | PathLike[str]], *args: Any,
+          new: Iterable[str] = (), join: int | str | Sequence[Namespace] | None = None,
+          cgroup: Any = None, hostname: str | None = None,
+          uid_map: Iterable[tuple[int, int, int]] | None = None,
+          gid_map: Iterable[tuple[int, int, int]] | None = None,
+          clocks: dict[str, int] | None = None) -> "Child":
     """Start ``target`` (a callable, or a command as a list of strings) in a forked child.
 
     The child first joins ``cgroup`` (any object with ``add(pid=0)``, e.g. a helpers.cgroups
@@ -237,10 +244,14 @@ def start(target, *args, new=(), join=None, cgroup=None, hostname=None, uid_map=
         go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.close(records_r), os.close(output_r), os.close(go_w)
+            os.close(records_r)
+            os.close(output_r)
+            os.close(go_w)
             _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env,
                     records_w, output_w, go_r)
-        os.close(records_w), os.close(output_w), os.close(go_r)
+        os.close(records_w)
+        os.close(output_w)
+        os.close(go_r)
     finally:
         if join is not None and not isinstance(join, (list, tuple)):
             for n in joined:
@@ -250,7 +261,8 @@ def start(target, *args, new=(), join=None, cgroup=None, hostname=None, uid_map=
     return child
 
 
-def run(target, *args, timeout=60, **options):
+def run(target: Callable[..., Any] | Sequence[str | PathLike[str]], *args: Any, timeout: float | None = 60,
+        **options: Any) -> Result:
     """``start()`` the target, wait for it and return its Result (see start for the options).
 
     A callable's return value comes back as ``Result.value`` and an exception it raises is
@@ -260,7 +272,8 @@ def run(target, *args, timeout=60, **options):
         return child.wait(timeout)
 
 
-def write_id_maps(pid, uid_map, gid_map):
+def write_id_maps(pid: int, uid_map: Iterable[tuple[int, int, int]],
+                  gid_map: Iterable[tuple[int, int, int]]) -> None:
     """Map user and group ids for the new user namespace of ``pid`` (from its parent, as root)."""
     for name, ranges in (("uid_map", uid_map), ("gid_map", gid_map)):
         text = "".join(f"{inside} {outside} {count}\n" for inside, outside, count in ranges)
@@ -335,7 +348,7 @@ class Child:
     namespace, seen from outside).
     """
 
-    def __init__(self, leader, records, output, go):
+    def __init__(self, leader: int, records: int, output: int, go: int) -> None:
         self._leader = leader          # the process we forked, leader of its own process group
         self._open = {records, output}  # pipes from the child: pickled records, and its output
         self._output = output
@@ -344,10 +357,10 @@ class Child:
         for fd in self._open:
             self._selector.register(fd, selectors.EVENT_READ)
         self._buffer = b""
-        self._chunks = []
-        self._seen = {}                # tag -> the record's payload
-        self._result = None
-        self.pid = None
+        self._chunks: list[bytes] = []
+        self._seen: dict[str, list[Any]] = {}   # tag -> the record's payload
+        self._result: Result | None = None
+        self.pid: int | None = None
 
     def _start(self, uid_map, gid_map, timeout=30):
         deadline = time.monotonic() + timeout
@@ -360,8 +373,8 @@ class Child:
                               deadline):
                 raise LabTimeout(f"the child was not set up within {timeout} s")
             if "ready" not in self._seen:
-                self.wait()         # raises the child's error
-                raise LabError(f"the child ended during its set-up:\n{self._result.output}")
+                ended = self.wait()     # raises the child's error
+                raise LabError(f"the child ended during its set-up:\n{ended.output}")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -396,13 +409,13 @@ class Child:
             if tag == "pid":
                 self.pid = payload[0]
 
-    def kill(self, sig=signal.SIGKILL):
+    def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the target's process group: the target and whatever it started. (A leader
         that forked the target is spared: it reaps the target and reports how it ended.)"""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid or self._leader, sig)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> Result:
         """Wait for the child to end and return its Result; re-raise what the callable raised."""
         if self._result is None:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -416,6 +429,7 @@ class Child:
             exc, text = self._seen["error"]
             exc.add_note(f"raised in the child (pid {self.pid}):\n{text}")
             raise exc
+        assert self._result is not None     # _reap() set it
         return self._result
 
     def _reap(self, linger=5.0):
@@ -435,10 +449,10 @@ class Child:
         output = b"".join(self._chunks).decode(errors="replace")
         self._result = Result(self.pid, code, sig, output, self._seen.get("value", [None])[0])
 
-    def __enter__(self):
+    def __enter__(self) -> "Child":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self._result is None:
             self.kill()
             self._reap()
@@ -470,7 +484,8 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, r
         os.setsid()                        # its own session and process group, for Child.kill()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0), os.dup2(output, 1), os.dup2(output, 2)
-        os.close(null), os.close(output)
+        os.close(null)
+        os.close(output)
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         if cgroup is not None:
@@ -552,7 +567,7 @@ class NetNS(Namespace):
     with it). pyroute2 creates it in a forked child, so this process's namespace never changes.
     """
 
-    def __init__(self, name):
+    def __init__(self, name: str) -> None:
         from pyroute2 import netns
         self.name = _named(name)
         if (NETNS_DIR / self.name).exists():
@@ -565,23 +580,24 @@ class NetNS(Namespace):
             _remove_netns(self.name)
             raise
 
-    def links(self):
+    def links(self) -> dict[str, str]:
         """{interface name: "up" | "down"} inside this namespace."""
         def read():
             with _iproute(self) as ipr:
                 return {link.get_attr("IFLA_IFNAME"): link.get("state") for link in ipr.get_links()}
         return _off_the_loop(read)
 
-    def remove(self):
+    def remove(self) -> None:
         """Delete it; removing twice, or after a sweep, is fine."""
         self.close()
         _remove_netns(self.name)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
-def connect(a, b, address_a, address_b, *, names=("veth0", "veth1")):
+def connect(a: NetNS, b: NetNS, address_a: str, address_b: str, *,
+            names: tuple[str, str] = ("veth0", "veth1")) -> None:
     """Join two NetNS with a veth pair: ``names[0]`` in ``a`` with ``address_a`` ("10.200.0.1/24"),
     ``names[1]`` in ``b``; addresses set, both ends and both loopbacks up. Nothing touches the host."""
     import ipaddress
@@ -611,7 +627,7 @@ def connect(a, b, address_a, address_b, *, names=("veth0", "veth1")):
     _off_the_loop(configure)
 
 
-def ping(space, address, count=3):
+def ping(space: NetNS, address: str, count: int = 3) -> Result:
     """Ping ``address`` from inside the network namespace ``space``; return the Result.
 
     Uses ping(8), or busybox's when iputils-ping is not installed.
@@ -642,7 +658,7 @@ def _remove_netns(name):
 
 
 @owners.sweeper(owners.KERNEL)
-def sweep(prefix=names.PREFIX):
+def sweep(prefix: str = names.PREFIX) -> None:
     """Delete every cnlab network namespace (or those whose name starts with ``prefix``);
     their veths go with them."""
     if NETNS_DIR.is_dir():
