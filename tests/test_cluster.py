@@ -103,7 +103,8 @@ def test_cluster_readiness_from_nodes_and_kube_system_pods():
     assert found == ["2 of 3 nodes registered", "node w1 Ready=False",
                      "pod kube-system/coredns-1 Pending (ContainerCreating)",
                      "pod kube-system/kindnet-x running, not ready (CrashLoopBackOff)"]
-    assert cluster.readiness([node("cp", "True")], []) == ["no kube-system pods yet"]
+    assert cluster.readiness([node("cp", "True")], []) == []  # a control plane of host processes has none
+    assert cluster.readiness([node("cp", "True")], [], system_pods=True) == ["no kube-system pods yet"]
 
 
 def test_condition_reads_status_conditions():
@@ -228,7 +229,11 @@ DISCOVERY = {
         "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]},
     "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
         {"name": "configmaps", "singularName": "configmap", "namespaced": True, "kind": "ConfigMap", "verbs": ["get"]},
-        {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace", "verbs": ["get"]}]},
+        {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace", "verbs": ["get"]},
+        {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node", "verbs": ["get", "patch"]},
+        {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod", "verbs": ["get", "list"]},
+        {"name": "pods/eviction", "singularName": "", "namespaced": True, "group": "policy", "version": "v1",
+         "kind": "Eviction", "verbs": ["create"]}]},
     "/apis/apps/v1": {"kind": "APIResourceList", "groupVersion": "apps/v1", "resources": [
         {"name": "deployments", "singularName": "deployment", "namespaced": True, "kind": "Deployment", "verbs": ["get"]},
         {"name": "deployments/scale", "singularName": "", "namespaced": True, "group": "autoscaling", "version": "v1",
@@ -272,6 +277,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(code, cluster.plain(reply))
         if url.path in DISCOVERY:
             return self._send(200, DISCOVERY[url.path])
+        if method == "POST" and url.path.endswith("/eviction"):
+            srv.objects.pop(url.path.removesuffix("/eviction"), None)
+            return self._send(201, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
         if method == "GET" and query.get("watch") in ("True", "true", "1"):
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -280,9 +288,18 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(json.dumps(event).encode() + b"\n")
             time.sleep(0.2)
             return  # HTTP/1.0: closing the connection ends the stream, as the server's timeout would
-        if method == "PATCH":
+        if method == "PATCH" and self.headers.get("Content-Type") == "application/apply-patch+yaml":
             srv.objects[url.path] = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
             return self._send(200, srv.objects[url.path])
+        if method == "PATCH" and url.path in srv.objects:  # a merge patch changes only what is there
+            srv.objects[url.path] = merge(srv.objects[url.path], body)
+            return self._send(200, srv.objects[url.path])
+        if method == "GET" and url.path.rsplit("/", 1)[-1] in COLLECTIONS:
+            items = [o for path, o in srv.objects.items() if path.rsplit("/", 1)[0] == url.path]
+            wanted = query.get("fieldSelector", "")
+            if wanted.startswith("spec.nodeName="):
+                items = [o for o in items if o.get("spec", {}).get("nodeName") == wanted.split("=", 1)[1]]
+            return self._send(200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": items})
         if method == "DELETE" and url.path in srv.objects:
             del srv.objects[url.path]
             return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
@@ -299,6 +316,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._handle("DELETE")
+
+    def do_POST(self):
+        self._handle("POST")
+
+
+COLLECTIONS = {"pods", "nodes", "configmaps"}
+
+
+def merge(obj, patch):
+    """RFC 7386 merge patch, as the API server applies application/merge-patch+json."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(obj) if isinstance(obj, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
 
 
 @pytest.fixture
@@ -445,12 +481,83 @@ def test_an_unreachable_server_is_no_cluster(tmp_path):
         cluster.connect(kubeconfig=str(tmp_path / "missing"))
 
 
-def test_only_kind_can_stop_a_node(fake):
+def test_kind_only_steps_print_what_they_would_show_and_return(fake, capsys):
     _, c = fake
-    for call in (lambda: c.stop_node("n1"), lambda: c.node_exec("n1", "iptables-save"),
-                 lambda: c.load_image("cnlab/busybox:latest"), c.node_containers, lambda: c.sandbox("n1", "p")):
-        with pytest.raises(cluster.NeedsKind, match="needs a kind cluster.*fake is another kind of cluster"):
-            call()
+    assert c.node_containers() == []
+    assert c.stop_node("n1") is None and c.start_node("n1") is None
+    assert c.kind_only("stopping a node", "the node going Unknown") is False
+    out = capsys.readouterr().out
+    assert out.count("[kind only]") == 4 and "fake is not a kind cluster" in out and "unset CNLAB_CONTEXT" in out
+    assert "stopping node n1: this step would show its kubelet going silent" in out
+
+
+NODE = "/api/v1/nodes/n1"
+
+
+def test_label_on_a_missing_object_raises_and_creates_nothing(fake):
+    server, c = fake
+    with pytest.raises(cluster.NotFound, match="Node n1: 404"):
+        c.label("Node", "n1", {"cnlab/doomed": "true"})
+    assert server.objects == {}
+    assert [r[3] for r in server.requests if r[0] == "PATCH"] == ["application/merge-patch+json"]  # never an apply
+
+
+def test_label_patches_an_existing_node_and_tear_down_takes_the_labels_off(fake, tmp_path, monkeypatch):
+    server, c = fake
+    monkeypatch.setattr(cluster, "RECORDS", tmp_path / "records")
+    server.objects[NODE] = {"apiVersion": "v1", "kind": "Node", **cluster.plain(node("n1", "True"))}
+    server.objects[NODE]["metadata"]["labels"] = {"kubernetes.io/hostname": "n1"}
+    c.label("Node", "n1", {"cnlab/agent": "yes", "cnlab/doomed": "true"})
+    c.label("Node", "n1", {"cnlab/agent": "yes"})   # the course's other label goes
+    assert server.objects[NODE]["metadata"]["labels"] == {"kubernetes.io/hostname": "n1", "cnlab/agent": "yes"}
+    c.cordon("n1")
+    assert server.objects[NODE]["spec"]["unschedulable"] is True
+    assert c.tear_down() == ["labels cnlab/agent taken off Node n1", "Node n1 uncordoned"]
+    assert server.objects[NODE]["metadata"]["labels"] == {"kubernetes.io/hostname": "n1"}
+    assert "unschedulable" not in server.objects[NODE].get("spec", {})
+    assert not list((tmp_path / "records").glob("*"))
+
+
+def test_drain_cordons_and_evicts_only_the_labs_pods_on_that_node(fake, tmp_path, monkeypatch):
+    server, c = fake
+    monkeypatch.setattr(cluster, "RECORDS", tmp_path / "records")
+    server.objects[NODE] = {"apiVersion": "v1", "kind": "Node", **cluster.plain(node("n1", "True"))}
+    for name, where in (("lonely", "n1"), ("guarded-x", "n1"), ("elsewhere", "n2")):
+        server.objects[f"/api/v1/namespaces/lab/pods/{name}"] = {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "lab"}, "spec": {"nodeName": where}}
+    assert c.drain("n1") == ["guarded-x", "lonely"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in server.objects if "/pods/" in p) == ["elsewhere"]
+    assert server.objects[NODE]["spec"]["unschedulable"] is True
+    assert c.tear_down() == ["Node n1 uncordoned"]
+
+
+def test_a_crashed_labs_namespace_is_deleted_by_the_registered_sweep(fake, tmp_path, monkeypatch):
+    """The kernel died mid-lab: no tear_down ran. The record it left lets cleanup() (or the next run's
+    lab_cluster) delete the namespace, in another process, later."""
+    server, c = fake
+    monkeypatch.setattr(cluster, "RECORDS", tmp_path / "records")
+    c.ensure_namespace()
+    [record] = (tmp_path / "records").glob("*.json")
+    assert json.loads(record.read_text())["owned"] == [["v1", "Namespace", "lab"]]
+    c.close()  # ... and the kernel is gone
+    assert "/api/v1/namespaces/lab" in server.objects
+    from helpers._core import owners
+    assert "helpers.kubernetes.cluster.sweep" in [key for _, key, _ in owners._sweeps]
+    cluster.sweep("another-lab")  # the next run of another lab leaves it alone
+    assert "/api/v1/namespaces/lab" in server.objects
+    cluster.sweep()
+    assert "/api/v1/namespaces/lab" not in server.objects and not record.exists()
+    cluster.sweep()  # twice is fine
+
+
+def test_a_failing_check_still_tears_down(fake, tmp_path, monkeypatch):
+    server, c = fake
+    monkeypatch.setattr(cluster, "RECORDS", tmp_path / "records")
+    c.ensure_namespace()
+    with pytest.raises(AssertionError):
+        with c:                       # a check cell: try: assert ... finally: c.tear_down()
+            assert c.find("ConfigMap", "site") is not None, "the check fails"
+    assert "/api/v1/namespaces/lab" not in server.objects and not list((tmp_path / "records").glob("*"))
 
 
 # ------------------------------------------------------------------------------ the Echo controller's logic
@@ -483,6 +590,101 @@ def test_echo_drift_and_status():  # the status, mid-rollout and after: tests/te
                                                                 "reason": "WaitingForReplicas"}
     dep = cluster.plain(deployment(replicas=2, total=2, updated=2, available=2))
     assert operator.echo_status(echo(), dep)["conditions"][0]["status"] == "True"
+
+
+# ------------------------------------------------------------------------------ facts about any cluster
+
+def tainted(name, *taints, images=(), unschedulable=None):
+    return k.V1Node(api_version="v1", kind="Node", metadata=META(name=name, labels={
+        "node-role.kubernetes.io/control-plane": ""} if taints else {}),
+        spec=k.V1NodeSpec(taints=[k.V1Taint(key=key, effect=effect) for key, effect in taints],
+                          unschedulable=unschedulable),
+        status=k.V1NodeStatus(node_info=k.V1NodeSystemInfo(
+            architecture="amd64", boot_id="", container_runtime_version="containerd://1.6.20", kernel_version="6.1",
+            kube_proxy_version="", kubelet_version="v1.36.0", machine_id="", operating_system="linux",
+            os_image="Debian GNU/Linux 12", system_uuid=""),
+            images=[k.V1ContainerImage(names=list(names)) for names in images]))
+
+
+def test_workers_and_the_control_planes_taint_come_from_the_api_not_from_names():
+    nodes = [tainted("m1", ("node-role.kubernetes.io/control-plane", "NoSchedule")), tainted("b"), tainted("a"),
+             tainted("c", unschedulable=True), tainted("d", ("dedicated", "PreferNoSchedule"))]
+    roles = cluster.node_roles(nodes)
+    assert roles["workers"] == ["a", "b", "d"]  # PreferNoSchedule still takes Pods; a cordoned node does not
+    assert roles["tainted"] == {"c": [], "m1": ["node-role.kubernetes.io/control-plane:NoSchedule"]}
+
+
+def test_missing_images_are_found_on_the_nodes_that_run_pods_and_the_fix_names_each():
+    busybox = ("docker.io/cnlab/busybox:latest", "sha256:abc")
+    nodes = [tainted("cp", ("node-role.kubernetes.io/control-plane", "NoSchedule")),
+             tainted("w1", images=[busybox, ("docker.io/cnlab/busybox:v1",)]), tainted("w2", images=[busybox])]
+    assert cluster.missing_images(nodes, ["cnlab/busybox:latest"]) == {}
+    missing = cluster.missing_images(nodes, ["cnlab/busybox:latest", "cnlab/busybox:v1"])
+    assert missing == {"w2": ["cnlab/busybox:v1"]}
+    assert cluster.import_hint(missing).startswith("on w2: `docker save cnlab/busybox:v1 | sudo ctr -n k8s.io images import -`")
+
+
+def test_what_a_lab_needs_that_the_cluster_lacks():
+    facts = {"workers": ["w1"], "tainted": {}, "proxy_mode": "iptables", "storage_class": None, "dns": False}
+    assert cluster.lacking(facts) == []
+    assert cluster.lacking(facts, workers=2, proxy_mode="nftables", storage=True, dns=True) == [
+        "1 node(s) take ordinary Pods (w1); the lab asks for 2", "kube-proxy runs in iptables mode, not nftables",
+        "no default StorageClass: PersistentVolumeClaims without a class stay Pending",
+        "no cluster DNS (no Service kube-system/kube-dns): the lab uses ClusterIPs instead of names"]
+
+
+def test_architecture_from_nodes_and_static_pods():
+    apiserver = k.V1Pod(metadata=META(name="kube-apiserver-m1", labels={"component": "kube-apiserver",
+                                                                       "tier": "control-plane"}),
+                        spec=k.V1PodSpec(node_name="m1", containers=[]))
+    arch = cluster.architecture([tainted("w1"), tainted("m1", ("node-role.kubernetes.io/control-plane", "NoSchedule"))],
+                                [apiserver, pod("coredns-1", "Running")], ["10.0.0.1:6443"])
+    assert arch["nodes"][0] == {"node": "m1", "roles": "control-plane", "kubelet": "v1.36.0",
+                                "runtime": "containerd://1.6.20", "os": "Debian GNU/Linux 12"}
+    assert arch["nodes"][1]["roles"] == "worker"
+    assert arch["components"] == [("kube-apiserver", "m1")] and arch["api_servers"] == ["10.0.0.1:6443"]
+    assert cluster.architecture([], [pod("coredns-1", "Running")], [])["components"] == []  # host processes
+
+
+UID = "6b1c7a5e-0f1e-4d2a-9e57-3c0a1d2b4f60"
+# What _POD_PROCESSES prints on a systemd-driven cgroup v2 node for the sidecar Pod: the pause
+# process, then one process per container (their cgroup names carry the container IDs).
+PROCESSES = "\n".join("\t".join(f) for f in [
+    ("812", "/pause ", f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice/"
+     "cri-containerd-aaaa.scope", "net:[4026532300]", "ipc:[4026532298]", "uts:[4026532297]", "pid:[4026532299]",
+     "mnt:[4026532295]"),
+    ("845", "sh -c echo 'written by app' > /shared/index.html; sleep 86400 ", "0::/kubepods.slice/.../cri-containerd-bbbb.scope",
+     "net:[4026532300]", "ipc:[4026532298]", "uts:[4026532297]", "pid:[4026532301]", "mnt:[4026532302]"),
+    ("861", "httpd -f -p 8080 -h /shared ", "0::/kubepods.slice/.../cri-containerd-cccc.scope",
+     "net:[4026532300]", "ipc:[4026532298]", "uts:[4026532297]", "pid:[4026532303]", "mnt:[4026532304]"),
+]) + "\nnot a process line\n"
+
+
+def test_the_sandbox_seen_from_the_node_holds_the_shared_namespaces():
+    sidecar = k.V1Pod(metadata=META(name="sidecar", uid=UID), status=k.V1PodStatus(container_statuses=[
+        k.V1ContainerStatus(name=n, container_id=f"containerd://{cid}", image="i", image_id="", ready=True, restart_count=0)
+        for n, cid in (("app", "bbbb"), ("web", "cccc"))]))
+    procs = cluster.pod_processes(PROCESSES, sidecar)
+    assert [(p["pid"], p["container"]) for p in procs] == [(812, None), (845, "app"), (861, "web")]
+    assert cluster.sandbox_view(procs) == {"pause": "/pause", "containers": ["app", "web"],
+                                           "shared": ["net", "ipc", "uts"], "own": ["pid", "mnt"]}
+    with pytest.raises(cluster.LabError, match="no pause process"):
+        cluster.sandbox_view(procs[1:])
+
+
+def test_the_kubelets_cgroup_files_for_half_a_cpu_and_512mi():
+    v2 = "kubepods.slice/kubepods-podX.slice\tcpu.max\t50000 100000\n" \
+         "kubepods.slice/kubepods-podX.slice\tcpu.weight\t20\n" \
+         "kubepods.slice/kubepods-podX.slice\tmemory.max\t536870912\n"
+    got = cluster.cgroup_limits(v2)
+    assert (got["cpus"], got["memory"], got["weight"]) == (0.5, 512 * 2**20, 20)
+    assert got["files"]["kubepods.slice/kubepods-podX.slice/cpu.max"] == "50000 100000"
+    v1 = "cpu,cpuacct/kubepods/podX\tcpu.cfs_quota_us\t50000\ncpu,cpuacct/kubepods/podX\tcpu.cfs_period_us\t100000\n" \
+         "cpu,cpuacct/kubepods/podX\tcpu.shares\t512\nmemory/kubepods/podX\tmemory.limit_in_bytes\t536870912\n"
+    got = cluster.cgroup_limits(v1)
+    assert (got["cpus"], got["memory"], got["shares"]) == (0.5, 512 * 2**20, 512)
+    unlimited = cluster.cgroup_limits("p\tcpu.max\tmax 100000\np\tmemory.max\tmax\n")
+    assert unlimited["cpus"] is None and unlimited["memory"] is None
 
 
 # ------------------------------------------------------------------------------ a real cluster

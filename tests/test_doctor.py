@@ -41,9 +41,10 @@ def test_unmet_names_each_missing_capability_once():
     report = {name: doctor.Check(True, "fine") for name in doctor.probe()}
     report["docker"] = doctor.Check(False, "no engine: start dockerd")
     report["kind"] = doctor.Check(False, "kind not found")
+    report["context"] = doctor.Check(False, "CNLAB_CONTEXT is not set")
     assert doctor.unmet(["root", "docker"], report) == ["docker: no engine: start dockerd"]
     assert doctor.unmet(["docker", "swarm", "kind"], report) == [
-        "docker: no engine: start dockerd", "kind: kind not found"]
+        "docker: no engine: start dockerd", "kind: kind not found (or: context: CNLAB_CONTEXT is not set)"]
     assert doctor.unmet(["root"], report) == []
     assert "unknown requirement 'gpu'" in doctor.unmet(["gpu"], report)[0]
 
@@ -52,6 +53,32 @@ def test_every_requirement_names_real_capabilities():
     report = doctor.probe()
     for name, capabilities in doctor.REQUIREMENTS.items():
         assert set(capabilities) <= set(report), name
+    for name, capabilities in doctor.OR_ELSE.items():
+        assert name in doctor.REQUIREMENTS and set(capabilities) <= set(report), name
+
+
+def test_a_kubernetes_lab_runs_on_the_cluster_cnlab_context_names(monkeypatch):
+    """No kind, no Docker: CNLAB_CONTEXT naming a reachable cluster meets a lab's `kind` requirement."""
+    monkeypatch.setattr(doctor, "_api_version", lambda context=None: f"v1.36.0 of {context}")
+    monkeypatch.setenv("CNLAB_CONTEXT", "prod-like")
+    cluster = doctor._cluster()
+    assert cluster == doctor.Check(True, "Kubernetes v1.36.0 of prod-like (context prod-like)")
+    report = {name: doctor.Check(True, "fine") for name in doctor.probe()}
+    report.update(docker=doctor.Check(False, "no Docker engine answers"), kind=doctor.Check(False, "kind not found"),
+                  cluster=cluster, context=doctor._context(cluster))
+    assert doctor.unmet(["kind"], report) == []
+    from helpers import labs
+    assert re.search(r"^42-pods +yes ", doctor.render(report, labs.all_labs()), re.M)
+
+    def unreachable(context=None):
+        raise ConnectionRefusedError("connection refused")
+    monkeypatch.setattr(doctor, "_api_version", unreachable)
+    report.update(cluster=doctor._cluster())
+    report.update(context=doctor._context(report["cluster"]))
+    assert not report["context"].ok and "CNLAB_CONTEXT=prod-like: no cluster reachable" in report["context"].detail
+    assert doctor.unmet(["kind"], report)[0] == "docker: no Docker engine answers"
+    monkeypatch.delenv("CNLAB_CONTEXT")
+    assert doctor._context(doctor.Check(True, "")).ok is False
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,21 @@
 """helpers.kind: the config it writes, the preflight's decisions, kube-proxy's rules decoded, and
 (marked "kind", run where kind can make a cluster) a real cluster made, reused, loaded, deleted."""
 import dataclasses
+import json
 import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 import yaml
 
+import helpers
 from helpers import cluster, images, kind
+from helpers._core import procfs
 from helpers.errors import BadInput
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ------------------------------------------------------------------------------ config
 
@@ -27,6 +33,12 @@ def test_config_survives_a_round_trip_through_yaml_and_is_checked():
     again = yaml.safe_load(yaml.safe_dump(cfg))
     assert again == cfg
     kind.check_config(again)
+
+
+def test_the_printed_config_has_no_yaml_anchors():
+    text = yaml.safe_dump(kind.config("cluster", workers=2, proxy_mode="nftables"), sort_keys=False)
+    assert "&id" not in text and "*id" not in text
+    assert text.count("- role: worker") == 2 and "kubeProxyMode: nftables" in text
 
 
 @pytest.mark.parametrize("change, complaint", [
@@ -117,8 +129,8 @@ def test_create_runs_kind_with_the_config_it_wrote_and_waits_for_the_nodes(monke
         def __init__(self, name, kubeconfig, *, namespace):
             self.name, self.kubeconfig, self.namespace = name, kubeconfig, namespace
 
-        def wait_ready(self, *, nodes, timeout):
-            waited.append((nodes, timeout))
+        def wait_ready(self, *, nodes, timeout, system_pods):
+            waited.append((nodes, timeout, system_pods))
 
     monkeypatch.setattr(kind, "state_dir", lambda *parts: tmp_path)
     monkeypatch.setattr(kind, "_kind", lambda *args, **kw: calls.append(args) or "")
@@ -130,7 +142,7 @@ def test_create_runs_kind_with_the_config_it_wrote_and_waits_for_the_nodes(monke
     assert args == ("create", "cluster", "--name", "cnlab-lab", "--config", str(tmp_path / "cnlab-lab.yaml"),
                     "--kubeconfig", str(tmp_path / "cnlab-lab.kubeconfig"))
     assert yaml.safe_load((tmp_path / "cnlab-lab.yaml").read_text()) == kind.config("lab", workers=2, proxy_mode="ipvs")
-    assert (made.name, made.namespace, waited) == ("cnlab-lab", "cnlab-lab", [(3, 300)])
+    assert (made.name, made.namespace, waited) == ("cnlab-lab", "cnlab-lab", [(3, 300, True)])
 
 
 def test_sweep_spares_the_cluster_of_the_current_kubeconfig_context(monkeypatch):
@@ -140,6 +152,36 @@ def test_sweep_spares_the_cluster_of_the_current_kubeconfig_context(monkeypatch)
     monkeypatch.setattr(kind, "_current_kind_cluster", lambda: "cnlab-ci")
     kind.sweep()
     assert deleted == ["cnlab-pods"]
+
+
+def test_the_leak_check_ignores_a_kind_clusters_own_processes(monkeypatch):
+    """kind's kube-controller-manager carries the cluster's cnlab-* name, not the course's mark."""
+    fake = procfs.Process(999999, ("kube-controller-manager", "--cluster-name=cnlab-ci", "--leader-elect=true"))
+    real = procfs.processes
+    monkeypatch.setattr(procfs, "processes", lambda match=lambda p: True: [
+        *real(match), *([fake] if match(fake) else [])])
+    monkeypatch.setattr(procfs, "marked", lambda pid, _real=procfs.marked: False if pid == fake.pid else _real(pid))
+    leaked = helpers.leftovers()
+    if any(item.startswith("process 999999 ") for item in leaked) and hasattr(procfs, "_named"):
+        pytest.xfail("procfs.ours() still applies the legacy rule _named ('cnlab' in the command line)")
+    assert not any(item.startswith("process 999999 ") for item in leaked)
+
+
+# ------------------------------------------------------------------------------ the pins
+
+def test_the_workflow_and_the_devcontainer_pin_what_helpers_kind_pins():
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "course.yml").read_text())
+    [setup] = [s for job in flow["jobs"].values() for s in job["steps"] if s.get("uses", "").startswith("helm/kind-action@")]
+    assert setup["with"]["version"] == kind.KIND_VERSION and setup["with"]["node_image"] == kind.NODE_IMAGE
+    assert setup["with"]["kubectl_version"] == kind.KUBECTL_VERSION
+    dev = json.loads((ROOT / ".devcontainer" / "devcontainer.json").read_text())  # strict JSON: no comments
+    assert dev["privileged"] is True and dev["remoteUser"] == "root"
+    [dind] = [f for f in dev["features"] if "docker-in-docker" in f]
+    assert dind.startswith("ghcr.io/devcontainers/features/docker-in-docker:")
+    assert dev["containerEnv"]["KIND_VERSION"] == kind.KIND_VERSION
+    assert dev["containerEnv"]["KUBECTL_VERSION"] == kind.KUBECTL_VERSION
+    install = (ROOT / dev["postCreateCommand"].split()[-1]).read_text()
+    assert "kind.sigs.k8s.io/dl/${KIND_VERSION}" in install and "dl.k8s.io/release/${KUBECTL_VERSION}" in install
 
 
 # ------------------------------------------------------------------------------ kube-proxy's rules
@@ -166,11 +208,48 @@ COMMIT
 
 
 def test_iptables_rules_of_a_service_decoded():
-    rules = kind.iptables_service(IPTABLES, "cnlab-services/web")
+    rules = cluster.iptables_service(IPTABLES, "cnlab-services/web")
     assert rules["chain"] == "KUBE-SVC-7XSXM6Z3JTTUHQ5F" and rules["cluster_ip"] == "10.96.141.7:80"
     assert [ep for ep, _ in rules["endpoints"]] == ["10.244.1.2:8080", "10.244.2.2:8080", "10.244.2.3:8080"]
-    assert [round(s, 3) for s in kind.shares(p for _, p in rules["endpoints"])] == [0.333, 0.333, 0.333]
-    assert kind.iptables_service(IPTABLES, "cnlab-services/other") is None
+    assert [round(s, 3) for s in cluster.shares(p for _, p in rules["endpoints"])] == [0.333, 0.333, 0.333]
+    assert cluster.iptables_service(IPTABLES, "cnlab-services/other") is None
+
+
+# The same Service in nftables mode, as `nft list table ip kube-proxy` prints what kube-proxy's own
+# tests (pkg/proxy/nftables/proxier_test.go) add, abridged to the parts the decoder reads.
+NFTABLES = """\
+table ip kube-proxy {
+\tcomment "rules for kube-proxy"
+\tmap service-ips {
+\t\ttype ipv4_addr . inet_proto . inet_service : verdict
+\t\tcomment "ClusterIP, ExternalIP and LoadBalancer IP traffic"
+\t\telements = { 10.96.0.10 . udp . 53 : goto service-NWBZK7IH-kube-system/kube-dns/udp/dns,
+\t\t\t     10.96.141.7 . tcp . 80 : goto service-4AT6LBPK-cnlab-services/web/tcp/http }
+\t}
+\tchain service-4AT6LBPK-cnlab-services/web/tcp/http {
+\t\tip daddr 10.96.141.7 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+\t\tnumgen random mod 3 vmap { 0 : goto endpoint-UNZV3OEC-cnlab-services/web/tcp/http__10.244.1.2/8080, 1 : goto endpoint-5RFCDDV7-cnlab-services/web/tcp/http__10.244.2.2/8080, 2 : goto endpoint-UEIP74TE-cnlab-services/web/tcp/http__10.244.2.3/8080 }
+\t}
+\tchain endpoint-UNZV3OEC-cnlab-services/web/tcp/http__10.244.1.2/8080 {
+\t\tip saddr 10.244.1.2 jump mark-for-masquerade
+\t\tmeta l4proto tcp dnat to 10.244.1.2:8080
+\t}
+\tchain endpoint-5RFCDDV7-cnlab-services/web/tcp/http__10.244.2.2/8080 {
+\t\tmeta l4proto tcp dnat to 10.244.2.2:8080
+\t}
+\tchain endpoint-UEIP74TE-cnlab-services/web/tcp/http__10.244.2.3/8080 {
+\t\tmeta l4proto tcp dnat to 10.244.2.3:8080
+\t}
+}
+"""
+
+
+def test_nftables_rules_of_a_service_decoded():
+    rules = cluster.nftables_service(NFTABLES, "cnlab-services/web")
+    assert rules["chain"] == "service-4AT6LBPK-cnlab-services/web/tcp/http" and rules["cluster_ip"] == "10.96.141.7:80"
+    assert rules["endpoints"] == [("10.244.1.2:8080", 1 / 3), ("10.244.2.2:8080", 1 / 3), ("10.244.2.3:8080", 1 / 3)]
+    assert cluster.nftables_service(NFTABLES, "cnlab-services/we") is None  # a prefix is another Service
+    assert cluster.nftables_service(NFTABLES, "cnlab-services/other") is None
 
 
 def _ip_vs(services):
@@ -188,7 +267,7 @@ def _ip_vs(services):
 def test_ipvs_virtual_servers_decoded_from_proc():
     text = _ip_vs([("TCP", "10.96.141.7", 80, "rr", [("10.244.1.2", 8080), ("10.244.2.2", 8080)]),
                    ("UDP", "10.96.0.10", 53, "rr", [("10.244.0.3", 53)])])
-    assert kind.ipvs_services(text) == {
+    assert cluster.ipvs_services(text) == {
         "TCP 10.96.141.7:80": {"scheduler": "rr", "destinations": [("10.244.1.2:8080", "Masq", 1),
                                                                    ("10.244.2.2:8080", "Masq", 1)]},
         "UDP 10.96.0.10:53": {"scheduler": "rr", "destinations": [("10.244.0.3:53", "Masq", 1)]}}
@@ -202,7 +281,8 @@ def test_a_kind_cluster_made_reused_loaded_and_deleted():
     try:
         c = kind.create(name, workers=1, namespace="cnlab-test")
         assert [(n.role, n.state) for n in c.node_containers()] == [("control-plane", "running"), ("worker", "running")]
-        assert c.proxy_mode() == "iptables" and cluster.readiness(c.get("Node"), c.get("Pod", namespace="kube-system")) == []
+        assert c.proxy_mode() == "iptables" and cluster.readiness(c.get("Node"), c.get("Pod", namespace="kube-system"),
+                                                                  system_pods=True) == []
         with pytest.raises(kind.ClusterExists):
             kind.create(name, workers=1)
         with pytest.raises(kind.ClusterExists, match="with 1 workers"):
@@ -215,10 +295,11 @@ def test_a_kind_cluster_made_reused_loaded_and_deleted():
         c.wait_for("Pod", "hello", "Ready", timeout=120)
         assert c.logs("hello").startswith(f"hello from cnlab-{name}-worker")
         assert c.exec("hello", "cat", "/proc/1/cmdline").stdout.startswith("sh")
-        assert kind.iptables_service(c.node_exec(f"cnlab-{name}-worker", "iptables-save", "-t", "nat").stdout,
+        assert cluster.iptables_service(c.node_exec(f"cnlab-{name}-worker", "iptables-save", "-t", "nat").stdout,
                                      "default/kubernetes") is not None
-        sandbox = c.sandbox(f"cnlab-{name}-worker", "hello")
+        sandbox = c.sandbox("hello")
         assert sandbox["pause"] == "/pause" and sandbox["containers"] == ["hello"]
+        assert {"net", "ipc", "uts"} <= set(sandbox["shared"])
     finally:
         kind.delete(name)
     kind.delete(name)  # deleting twice is fine

@@ -23,6 +23,9 @@ def test_hosted_workflow_creates_a_kind_cluster_then_builds_and_tests():
     kind = [i for i, s in enumerate(steps) if s.get("uses", "").startswith("helm/kind-action@")]
     runs = [i for i, s in enumerate(steps) if "make book" in s.get("run", "") or "make test" in s.get("run", "")]
     assert kind and len(runs) == 2 and kind[0] < runs[0]
+    assert "make book EXECUTE=1" in steps[runs[0]]["run"]  # the Kubernetes labs run on kind as the book builds
+    [pages] = [s for s in steps if s.get("uses", "").startswith("actions/upload-pages-artifact@")]
+    assert pages["with"]["path"] == "_build/html"
 
 
 def test_every_toc_entry_exists_and_every_lab_is_in_the_book():

@@ -11,15 +11,23 @@ and says why::
     for event in c.watch("Pod", timeout=10):       # stops on its own
         print(event)
 
-Nothing here needs kind. ``helpers.kind`` adds the nodes-as-containers side; on any other
-cluster, the calls that need it raise NeedsKind.
+Nothing here needs kind. A node's own view (its processes, a Pod's cgroups, kube-proxy's rules)
+comes through a privileged Pod on that node, as ``kubectl debug node/...`` gives it, so it works
+on any cluster. ``helpers.kind`` adds the nodes-as-containers side (stopping a node); on any
+other cluster those calls print what they would show and how to see it on kind, and return.
+
+A Cluster gives back what it changed: ``tear_down()`` (also run by ``with``, and registered so
+that ``helpers.cleanup()`` or the next run does it after a crash) removes its labels and
+cordons and deletes the namespaces and CRDs it applied.
 """
 import contextlib
 import copy
 import difflib
+import hashlib
 import json
 import os
 import re
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +37,8 @@ import yaml
 
 from helpers import errors
 from helpers.errors import BadInput, LabError, LabTimeout
-from helpers._core.names import LABEL, PREFIX, ROOT
+from helpers._core import owners
+from helpers._core.names import LABEL, PREFIX, ROOT, STATE
 
 MANIFESTS = ROOT / "manifests"
 FIELD_MANAGER = PREFIX
@@ -110,11 +119,8 @@ class NoCluster(errors.Unavailable):
     """No kubeconfig, no such context, or its API server does not answer."""
 
 
-class NeedsKind(LabError):
-    def __init__(self, what, context):
-        super().__init__(f"{what} needs a kind cluster (nodes that are containers on this machine); "
-                         f"{context} is another kind of cluster",
-                         fix="run this lab on its kind cluster: unset CNLAB_CONTEXT, and install kind")
+class MissingImages(LabError):
+    """The nodes lack images the lab's Pods use (``imagePullPolicy: Never``: no registry)."""
 
 
 class RolloutFailed(LabError):
@@ -263,14 +269,19 @@ def rollout_pending(obj, kind=None):
     raise BadInput(f"no rollout to wait for on a {kind}", fix="use wait_for(kind, name, condition) instead")
 
 
-def readiness(nodes, pods, *, expected_nodes=None):
-    """What keeps a cluster from being ready: nodes not Ready, kube-system pods not running. [] when ready."""
+def readiness(nodes, pods, *, expected_nodes=None, system_pods=False):
+    """What keeps a cluster from being ready: nodes not Ready, kube-system pods not running. [] when ready.
+
+    Only a cluster known to run its control plane and add-ons as Pods (kind's, with
+    ``system_pods``) must have kube-system Pods: elsewhere the control plane may be host
+    processes, or a provider's, and there are none.
+    """
     nodes, pods = [plain(n) for n in nodes], [plain(p) for p in pods]
     found = [f"{len(nodes)} of {expected_nodes} nodes registered"] if expected_nodes and len(nodes) < expected_nodes else []
     for node in nodes:
         if condition(node, "Ready") != "True":
             found.append(f"node {node['metadata']['name']} Ready={condition(node, 'Ready') or 'not reported'}")
-    if not pods:
+    if system_pods and not pods:
         found.append("no kube-system pods yet")
     for pod in pods:
         st, name = pod.get("status") or {}, pod["metadata"]["name"]
@@ -284,6 +295,83 @@ def readiness(nodes, pods, *, expected_nodes=None):
         elif not statuses or not all(s.get("ready") for s in statuses):
             found.append(f"pod kube-system/{name} running, not ready" + (f" ({waiting[0]})" if waiting else ""))
     return found
+
+
+_NO_PODS = ("NoSchedule", "NoExecute")
+
+
+def schedulable(node):
+    """Whether an ordinary Pod (no tolerations) can land on the node: not cordoned, not tainted away."""
+    spec = plain(node).get("spec") or {}
+    return not spec.get("unschedulable") and not any(t.get("effect") in _NO_PODS for t in spec.get("taints") or [])
+
+
+def node_roles(nodes):
+    """{"workers": [names of schedulable nodes], "tainted": {name: ["key:effect", ...]}}, from the API
+    alone: no cluster's naming scheme (kind's ``-worker``) is assumed."""
+    nodes = sorted((plain(n) for n in nodes), key=lambda n: n["metadata"]["name"])
+    return {"workers": [n["metadata"]["name"] for n in nodes if schedulable(n)],
+            "tainted": {n["metadata"]["name"]: [f"{t['key']}:{t['effect']}" for t in (n.get("spec") or {}).get("taints") or []
+                                                 if t.get("effect") in _NO_PODS]
+                        for n in nodes if not schedulable(n)}}
+
+
+def _image_names(ref):
+    """The names a node's runtime may list an image under: containerd spells out the registry
+    (``cnlab/busybox:v1`` is ``docker.io/cnlab/busybox:v1``)."""
+    host = ref.split("/")[0]
+    return {ref} if "/" in ref and ("." in host or ":" in host) else {ref, f"docker.io/{ref}", f"docker.io/library/{ref}"}
+
+
+def missing_images(nodes, refs):
+    """{node: [refs it lacks]} from each node's ``status.images``, for the nodes ordinary Pods run on."""
+    found = {}
+    for node in map(plain, nodes):
+        if not schedulable(node):
+            continue
+        have = {name for image in (node.get("status") or {}).get("images") or [] for name in image.get("names") or []}
+        lacks = [ref for ref in refs if not _image_names(ref) & have]
+        if lacks:
+            found[node["metadata"]["name"]] = lacks
+    return found
+
+
+def import_hint(missing):
+    """How to put local images onto nodes that pull from no registry: one command per node."""
+    return "; ".join(f"on {node}: `docker save {' '.join(refs)} | sudo ctr -n k8s.io images import -`"
+                     f" (copy the tarball there first, e.g. with scp)" for node, refs in sorted(missing.items()))
+
+
+def lacking(facts, *, workers=1, proxy_mode=None, storage=False, dns=False):
+    """What a lab asks for that a cluster (``Cluster.facts()``) does not have, one sentence each."""
+    found = []
+    if len(facts["workers"]) < workers:
+        found.append(f"{len(facts['workers'])} node(s) take ordinary Pods ({', '.join(facts['workers']) or 'none'}); "
+                     f"the lab asks for {workers}")
+    if proxy_mode and facts["proxy_mode"] != proxy_mode:
+        found.append(f"kube-proxy runs in {facts['proxy_mode'] or 'no known'} mode, not {proxy_mode}")
+    if storage and not facts["storage_class"]:
+        found.append("no default StorageClass: PersistentVolumeClaims without a class stay Pending")
+    if dns and not facts["dns"]:
+        found.append("no cluster DNS (no Service kube-system/kube-dns): the lab uses ClusterIPs instead of names")
+    return found
+
+
+def architecture(nodes, pods, api_servers):
+    """The cluster as the API shows it: each node with its roles, kubelet and runtime; each
+    control-plane component and the node it runs on (kubeadm runs them as static Pods labelled
+    ``tier=control-plane``; elsewhere they are host processes or the provider's, and are not Pods)."""
+    rows = []
+    for node in sorted(map(plain, nodes), key=lambda n: n["metadata"]["name"]):
+        info = (node.get("status") or {}).get("nodeInfo") or {}
+        roles = sorted(k.split("/", 1)[1] for k in node["metadata"].get("labels") or {}
+                       if k.startswith("node-role.kubernetes.io/")) or ["worker" if schedulable(node) else "-"]
+        rows.append({"node": node["metadata"]["name"], "roles": ",".join(roles), "kubelet": info.get("kubeletVersion"),
+                     "runtime": info.get("containerRuntimeVersion"), "os": info.get("osImage")})
+    components = sorted(((p["metadata"].get("labels") or {}).get("component", p["metadata"]["name"]),
+                         (p.get("spec") or {}).get("nodeName")) for p in map(plain, pods)
+                        if (p["metadata"].get("labels") or {}).get("tier") == "control-plane")
+    return {"nodes": rows, "components": components, "api_servers": sorted(api_servers)}
 
 
 def previous_template(deployment, replica_sets):
@@ -319,6 +407,214 @@ def field_owners(obj):
         for path in paths(entry.get("fieldsV1") or {}):
             owners.setdefault(path, []).append(label)
     return {path: sorted(who) for path, who in sorted(owners.items())}
+
+
+# ------------------------------------------------------------------------------ a node's own view
+
+# Run in the node Pod (host PID namespace): every process of the Pod with this UID, found by
+# the Pod's cgroup (the kubelet names it pod<uid>, or pod<uid with _> under systemd), with its
+# command line, the line of /proc/<pid>/cgroup that names the Pod, and its namespaces.
+_POD_PROCESSES = r"""uid=$1; alt=$(echo "$uid" | tr - _)
+for d in /proc/[0-9]*; do
+  line=$(grep -m1 -E "pod($uid|$alt)" "$d/cgroup" 2>/dev/null) || continue
+  printf '%s\t%s\t%s' "${d#/proc/}" "$(tr '\0' ' ' < "$d/cmdline")" "$line"
+  for n in net ipc uts pid mnt; do printf '\t%s' "$(readlink "$d/ns/$n")"; done
+  echo
+done"""
+
+# The Pod's own cgroup folders on the node (v1: one per hierarchy; v2: one), and the files the
+# kubelet wrote there for the Pod's requests and limits.
+_POD_CGROUPS = r"""uid=$1; alt=$(echo "$uid" | tr - _)
+for d in $(find /host/sys/fs/cgroup -maxdepth 7 -type d \( -name "*pod$uid*" -o -name "*pod$alt*" \) 2>/dev/null); do
+  for f in cpu.max cpu.weight memory.max cpu.cfs_quota_us cpu.cfs_period_us cpu.shares memory.limit_in_bytes; do
+    [ -f "$d/$f" ] && printf '%s\t%s\t%s\n' "${d#/host/sys/fs/cgroup/}" "$f" "$(cat "$d/$f")"
+  done
+done"""
+
+NAMESPACE_TYPES = ("net", "ipc", "uts", "pid", "mnt")
+
+
+def pod_processes(text, pod):
+    """Decode ``_POD_PROCESSES``' output: one dict per process, named by its container (the Pod's
+    ``containerStatuses`` give each container's ID; the sandbox's process belongs to none)."""
+    ids = {(s.get("containerID") or "").split("://")[-1]: s["name"]
+           for s in (plain(pod).get("status") or {}).get("containerStatuses") or [] if s.get("containerID")}
+    found = []
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) != 3 + len(NAMESPACE_TYPES) or not fields[0].isdigit():
+            continue
+        pid, cmdline, cgroup, *links = fields
+        container = next((name for cid, name in ids.items() if cid and cid in cgroup), None)
+        found.append({"pid": int(pid), "cmdline": cmdline.strip(), "container": container,
+                      "ns": dict(zip(NAMESPACE_TYPES, links))})
+    return sorted(found, key=lambda p: p["pid"])
+
+
+def sandbox_view(processes):
+    """What the pause process holds: its command, which namespaces every container shares with it,
+    and which each container has of its own."""
+    pause = next((p for p in processes if p["container"] is None and p["cmdline"].split(" ")[0].endswith("pause")), None)
+    if pause is None:
+        raise LabError("no pause process among the Pod's processes on its node",
+                       fix="is the Pod running? (its sandbox is made before any container)")
+    others = [p for p in processes if p["container"]]
+    shared = [t for t in NAMESPACE_TYPES if others and all(p["ns"][t] == pause["ns"][t] for p in others)]
+    return {"pause": pause["cmdline"], "containers": sorted({p["container"] for p in others}),
+            "shared": shared, "own": [t for t in NAMESPACE_TYPES if t not in shared]}
+
+
+def cgroup_limits(text):
+    """The Pod-level limits the kubelet wrote (``_POD_CGROUPS``' output): {"cpus", "memory",
+    "weight" (v2) or "shares" (v1), "files": {path/file: value}}."""
+    files = {}
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 3:
+            files[f"{fields[0]}/{fields[1]}"] = fields[2].strip()
+    by_name = {key.rsplit("/", 1)[1]: value for key, value in files.items()}
+    cpus = memory = None
+    if "cpu.max" in by_name:
+        quota, period = by_name["cpu.max"].split()
+        cpus = None if quota == "max" else int(quota) / int(period)
+    elif "cpu.cfs_quota_us" in by_name and int(by_name["cpu.cfs_quota_us"]) > 0:
+        cpus = int(by_name["cpu.cfs_quota_us"]) / int(by_name["cpu.cfs_period_us"])
+    raw = by_name.get("memory.max") or by_name.get("memory.limit_in_bytes")
+    if raw and raw != "max" and int(raw) < 2**62:
+        memory = int(raw)
+    out = {"cpus": cpus, "memory": memory, "files": files}
+    if "cpu.weight" in by_name:
+        out["weight"] = int(by_name["cpu.weight"])
+    if "cpu.shares" in by_name:
+        out["shares"] = int(by_name["cpu.shares"])
+    return out
+
+
+def node_pod(node, namespace, image="cnlab/busybox:latest"):
+    """The Pod that gives the course a node's own view, like ``kubectl debug node/<node>``: the
+    node's PID and network namespaces, privileged, the node's root read-only at /host."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{PREFIX}-node-{hashlib.sha1(node.encode()).hexdigest()[:10]}", "namespace": namespace,
+                         "labels": {LABEL: "node-view", "app.kubernetes.io/name": f"{PREFIX}-node"}},
+            "spec": {"nodeName": node, "hostPID": True, "hostNetwork": True, "restartPolicy": "Never",
+                     "terminationGracePeriodSeconds": 1, "tolerations": [{"operator": "Exists"}],
+                     "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
+                     "containers": [{"name": "node", "image": image, "imagePullPolicy": "Never",
+                                     "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 86400 & wait"],
+                                     "securityContext": {"privileged": True},
+                                     "volumeMounts": [{"name": "host", "mountPath": "/host", "readOnly": True}]}]}}
+
+
+# ------------------------------------------------------------------------------ kube-proxy's rules
+
+def iptables_service(iptables_save, service):
+    """What kube-proxy's iptables mode wrote for ``namespace/name``: its chain and endpoints.
+
+    ``iptables_save`` is ``iptables-save -t nat`` read on a node. KUBE-SERVICES jumps to the
+    service's KUBE-SVC chain; that chain picks a KUBE-SEP chain per endpoint with ``statistic
+    --mode random --probability p`` (1/n, then 1/(n-1), ... so each gets an equal share); each
+    KUBE-SEP chain DNATs to one Pod. Returns {"chain", "cluster_ip", "endpoints": [(ip:port, p)]}.
+    """
+    rules = [line for line in iptables_save.splitlines() if line.startswith("-A ")]
+    comment = re.compile(r'--comment "?' + re.escape(service) + r'[:" ]')
+    svc = next((r for r in rules if r.startswith("-A KUBE-SERVICES ") and comment.search(r)
+                and "-j KUBE-SVC-" in r), None)
+    if svc is None:
+        return None
+    chain = re.search(r"-j (KUBE-SVC-\S+)", svc).group(1)
+    ip, port = re.search(r"-d (\S+?)(?:/32)? ", svc).group(1), re.search(r"--dport (\d+)", svc).group(1)
+    endpoints = []
+    for rule in rules:
+        sep = re.search(r"-j (KUBE-SEP-\S+)", rule)
+        if rule.startswith(f"-A {chain} ") and sep:
+            p = re.search(r"--probability (\S+)", rule)
+            dnat = next(re.search(r"--to-destination (\S+)", r).group(1) for r in rules
+                        if r.startswith(f"-A {sep.group(1)} ") and "--to-destination" in r)
+            endpoints.append((dnat, float(p.group(1)) if p else 1.0))
+    return {"chain": chain, "cluster_ip": f"{ip}:{port}", "endpoints": endpoints}
+
+
+def shares(probabilities):
+    """The fraction of new connections each rule of a KUBE-SVC chain receives, in order."""
+    left, result = 1.0, []
+    for p in probabilities:
+        result.append(left * p)
+        left *= 1 - p
+    return result
+
+
+def _nft_blocks(text):
+    """{"chain <name>" or "map <name>": body} from ``nft list table`` output."""
+    blocks, current, body, depth = {}, None, [], 0
+    for line in text.splitlines():
+        stripped = line.strip()
+        if current is None:
+            head = re.fullmatch(r"(chain|map|set) (\S+) \{", stripped)
+            if head:
+                current, body, depth = f"{head.group(1)} {head.group(2)}", [], 1
+            continue
+        depth += stripped.count("{") - stripped.count("}")
+        if depth <= 0:
+            blocks[current], current = "\n".join(body), None
+        else:
+            body.append(stripped)
+    return blocks
+
+
+def nftables_service(nft_table, service):
+    """What kube-proxy's nftables mode wrote for ``namespace/name`` (``nft list table ip kube-proxy``).
+
+    The ``service-ips`` verdict map sends ClusterIP . protocol . port to the Service's chain;
+    that chain picks an endpoint chain with ``numgen random mod n vmap`` (each gets 1/n), and each
+    endpoint chain DNATs to one Pod. Returns {"chain", "cluster_ip", "endpoints": [(ip:port, 1/n)]}.
+    """
+    blocks = _nft_blocks(nft_table)
+    name = re.compile(r"service-[A-Z0-9]+-" + re.escape(service) + r"/")
+    chain = next((key.split(" ", 1)[1] for key in blocks if key.startswith("chain ") and name.match(key.split(" ", 1)[1])),
+                 None)
+    if chain is None:
+        return None
+    elements = re.search(r"(\S+) \. \w+ \. (\d+) : goto " + re.escape(chain) + r"\b", blocks.get("map service-ips", ""))
+    picks = re.findall(r"goto (endpoint-[^\s,}]+)", blocks[f"chain {chain}"])
+    endpoints = []
+    for ep in picks:
+        dnat = re.search(r"dnat to (\S+)", blocks.get(f"chain {ep}", ""))
+        endpoints.append((dnat.group(1) if dnat else ep.rsplit("__", 1)[-1].replace("/", ":"), 1 / len(picks)))
+    return {"chain": chain, "cluster_ip": f"{elements.group(1)}:{elements.group(2)}" if elements else None,
+            "endpoints": endpoints}
+
+
+def ipvs_services(proc_net_ip_vs):
+    """``/proc/net/ip_vs`` (read on a node: IPVS tables are per network namespace), decoded.
+
+    Returns {"TCP 10.96.0.10:53": {"scheduler": "rr", "destinations": [("10.244.0.2:53", "Masq", 1)]}}.
+    The kernel prints addresses and ports in hex; ipvsadm is not in kind's node image.
+    """
+    def addr(hexpair):
+        ip, port = hexpair.split(":")
+        return ".".join(str(int(ip[i:i + 2], 16)) for i in range(0, 8, 2)) + f":{int(port, 16)}"
+
+    found, current = {}, None
+    for line in proc_net_ip_vs.splitlines():
+        fields = line.split()
+        if fields[:1] in (["TCP"], ["UDP"], ["SCTP"]) and ":" in fields[1]:
+            current = found.setdefault(f"{fields[0]} {addr(fields[1])}",
+                                       {"scheduler": fields[2], "destinations": []})
+        elif fields[:1] == ["->"] and current is not None and ":" in fields[1] and not fields[1].startswith("Remote"):
+            current["destinations"].append((addr(fields[1]), fields[2], int(fields[3])))
+    return found
+
+
+# ------------------------------------------------------------------------------ what a crash leaves
+
+RECORDS = STATE / "kubernetes"   # one file per Cluster that changed something: what to give back
+
+
+def _load_record(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -359,7 +655,8 @@ class Cluster:
             raise NoCluster(f"no usable kubeconfig ({e})", fix="create a cluster with kind.create(...), "
                             "or point KUBECONFIG at your cluster's kubeconfig") from e
         self.kubeconfig, self.namespace = kubeconfig, namespace
-        self._dynamic, self._cache, self._resources, self._owned, self._labelled = None, None, {}, [], set()
+        self._dynamic, self._cache, self._resources, self._owned = None, None, {}, []
+        self._labelled, self._cordoned = {}, []   # {(kind, name, namespace): [keys]}, [node]
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.context} namespace={self.namespace}>"
@@ -488,6 +785,7 @@ class Cluster:
             ref = (obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
             if obj["kind"] in _OWNED_KINDS and not dry_run and ref not in self._owned:
                 self._owned.append(ref)
+                self._record()
             done.append(out.to_dict())
         return done
 
@@ -524,15 +822,43 @@ class Cluster:
         return revision
 
     def label(self, kind, name, labels, *, namespace=None):
-        """Set the labels the course puts on an object (a Node, say); ``{}`` takes them all off again.
+        """Set labels on an existing object (a Node, say); the course's earlier ones not in ``labels`` go.
 
-        Server-side apply with a field manager of its own: it owns just these labels, so applying
-        a smaller set removes the others it had set, and nobody else's.
+        A merge patch, never an apply: on a missing object it is NotFound, and nothing is created
+        (server-side apply would make a phantom Node). ``tear_down`` takes them all off again.
         """
-        res = self.resource(kind)
-        body = {"apiVersion": res.group_version, "kind": kind, "metadata": {"name": name, "labels": dict(labels)}}
-        self.apply(body, namespace=namespace, field_manager=f"{FIELD_MANAGER}-labels")
-        (self._labelled.add if labels else self._labelled.discard)((kind, name, namespace))
+        key = (kind, name, namespace)
+        before = self._labelled.get(key, [])
+        body = {"metadata": {"labels": {**dict.fromkeys(before), **dict(labels)}}}
+        self.patch(kind, name, body, namespace=namespace, field_manager=f"{FIELD_MANAGER}-labels")
+        if labels:
+            self._labelled[key] = sorted(labels)
+        else:
+            self._labelled.pop(key, None)
+        self._record()
+
+    def cordon(self, node, *, on=True):
+        """Mark a node unschedulable (``kubectl cordon``), or schedulable again; ``tear_down`` uncordons."""
+        self.patch("Node", node, {"spec": {"unschedulable": True if on else None}},
+                   field_manager=f"{FIELD_MANAGER}-cordon")
+        if on and node not in self._cordoned:
+            self._cordoned.append(node)
+        elif not on and node in self._cordoned:
+            self._cordoned.remove(node)
+        self._record()
+
+    def drain(self, node):
+        """Cordon the node and evict this namespace's Pods from it (``kubectl drain``, kept to the
+        lab's own Pods: other people's Pods on your cluster stay). Return the evicted Pods' names."""
+        from kubernetes import client
+        self.cordon(node)
+        names = sorted(p["metadata"]["name"] for p in self.get("Pod", field_selector=f"spec.nodeName={node}")
+                       if not p["metadata"].get("deletionTimestamp"))
+        for name in names:
+            body = client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=self.namespace))
+            with self._errors("Pod", name, self.namespace):
+                client.CoreV1Api(self.api).create_namespaced_pod_eviction(name, self.namespace, body)
+        return names
 
     def owners(self, kind, name, *, namespace=None):
         """Which field manager owns which field of an object (see ``field_owners``)."""
@@ -570,23 +896,81 @@ class Cluster:
         return True
 
     def ensure_namespace(self):
-        """Create (apply) this cluster object's namespace, labelled as the course's."""
-        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace,
-                                                                           "labels": {LABEL: "course"}}})
+        """Create (apply) this cluster object's namespace, labelled as the course's. The node view
+        needs privileged Pods, which Pod Security admission allows where the namespace says so."""
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace, "labels": {
+            LABEL: "course", "pod-security.kubernetes.io/enforce": "privileged"}}})
 
     def tear_down(self):
-        """Give the cluster back as it was: labels off, then the namespaces and CRDs this object applied."""
-        for kind, name, namespace in list(self._labelled):
-            self.label(kind, name, {}, namespace=namespace)
+        """Give the cluster back as it was: labels off, nodes uncordoned, then the namespaces and
+        CRDs this object applied deleted. Returns what it did, one line each; safe to call twice."""
+        done = []
+        for (kind, name, namespace), keys in list(self._labelled.items()):
+            with contextlib.suppress(NotFound):
+                self.label(kind, name, {}, namespace=namespace)
+                done.append(f"labels {', '.join(keys)} taken off {kind} {name}")
+        for node in list(self._cordoned):
+            with contextlib.suppress(NotFound):
+                self.cordon(node, on=False)
+                done.append(f"Node {node} uncordoned")
         for api_version, kind, name in reversed(self._owned):
-            self.delete(kind, name, api_version=api_version, timeout=300)
+            if self.delete(kind, name, api_version=api_version, timeout=300):
+                done.append(f"{kind} {name} deleted")
         self._owned.clear()
+        self._labelled.clear()
+        self._cordoned.clear()
+        self._record()
         self.close()
+        return done
+
+    def _record_path(self):
+        key = f"{self.kubeconfig or ''}|{self.context}|{self.namespace}"
+        return RECORDS / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+
+    def _record(self):
+        """Write down (or, once nothing is left, remove) what this object changed, so that
+        ``sweep()`` in another process can give it back after a crash."""
+        path = self._record_path()
+        if not (self._owned or self._labelled or self._cordoned):
+            path.unlink(missing_ok=True)
+            return
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "kubeconfig": self.kubeconfig, "context": self.context, "namespace": self.namespace,
+            "owned": self._owned, "labelled": [[*k, v] for k, v in self._labelled.items()],
+            "cordoned": self._cordoned}))
 
     def proxy_mode(self):
-        """kube-proxy's mode, from the config kubeadm wrote (ConfigMap kube-system/kube-proxy)."""
-        conf = self.get("ConfigMap", "kube-proxy", namespace="kube-system")["data"]["config.conf"]
-        return yaml.safe_load(conf).get("mode") or "iptables"
+        """kube-proxy's mode: from the config kubeadm writes (ConfigMap kube-system/kube-proxy),
+        else from kube-proxy itself (its ``/proxyMode`` endpoint, on a node); None if no kube-proxy
+        answers (a CNI that replaces it, say)."""
+        cm = self.find("ConfigMap", "kube-proxy", namespace="kube-system")
+        conf = ((cm or {}).get("data") or {}).get("config.conf")
+        if conf:
+            return yaml.safe_load(conf).get("mode") or "iptables"
+        roles = node_roles(self.get("Node"))
+        for node in roles["workers"][:1] or list(roles["tainted"])[:1]:
+            out = self.node_shell(node, "wget -qO- -T 5 http://127.0.0.1:10249/proxyMode")
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        return None
+
+    def facts(self):
+        """What a lab may need to know about this cluster, from the API (and kube-proxy)."""
+        nodes = self.get("Node")
+        classes = self.get("StorageClass")
+        default = next((sc["metadata"]["name"] for sc in classes if (sc["metadata"].get("annotations") or {}).get(
+            "storageclass.kubernetes.io/is-default-class") == "true"), None)
+        return {**node_roles(nodes), "proxy_mode": self.proxy_mode(), "storage_class": default,
+                "dns": self.find("Service", "kube-dns", namespace="kube-system") is not None}
+
+    def check_images(self, refs):
+        """Raise MissingImages, saying how to import them, unless every node that takes ordinary
+        Pods has ``refs`` (the labs' Pods never pull: no registry)."""
+        missing = missing_images(self.get("Node"), refs)
+        if missing:
+            raise MissingImages(f"nodes of {self.context} lack images: " + "; ".join(
+                f"{node}: {', '.join(r)}" for node, r in sorted(missing.items())), fix=import_hint(missing))
 
     # ---- waiting and watching
 
@@ -628,12 +1012,13 @@ class Cluster:
         self.wait(kind, name, lambda o: None if gone(o) else "there", namespace=namespace,
                   api_version=api_version, timeout=timeout, doing="waiting for it to be gone")
 
-    def wait_ready(self, *, nodes=None, timeout=300):
+    def wait_ready(self, *, nodes=None, timeout=300, system_pods=False):
         """Wait until every node is Ready (and ``nodes`` of them registered) and kube-system's pods run."""
         deadline, left = time.monotonic() + timeout, ["the API server to answer"]
         while time.monotonic() < deadline:
             with contextlib.suppress(NoCluster, ServerError):
-                left = readiness(self.get("Node"), self.get("Pod", namespace="kube-system"), expected_nodes=nodes)
+                left = readiness(self.get("Node"), self.get("Pod", namespace="kube-system"), expected_nodes=nodes,
+                                 system_pods=system_pods)
                 if not left:
                     return
             time.sleep(2)
@@ -689,25 +1074,80 @@ class Cluster:
         finally:
             ws.close()
 
-    # ---- what only kind can do (helpers.kind.KindCluster does it)
+    # ---- a node's own view, on any cluster
 
-    def node_containers(self):
-        raise NeedsKind("listing the node containers", self.context)
+    def node_shell(self, node, script, *args, timeout=60):
+        """Run a shell script (busybox sh, ``$1``... from ``args``) in the node Pod on ``node``: the
+        node's processes and network, its root at /host. The Pod stays until the namespace goes."""
+        pod = node_pod(node, self.namespace)
+        name = pod["metadata"]["name"]
+        self.apply(pod)
+        self.wait_for("Pod", name, "Ready", timeout=120)
+        return self.exec(name, "sh", "-c", script, "node-view", *args, timeout=timeout)
 
     def node_exec(self, node, *command):
-        raise NeedsKind("running a command inside a node", self.context)
+        """Run one of the node's own programs (iptables-save, nft, crictl) on the node."""
+        return self.node_shell(node, f"exec chroot /host {shlex.join(command)}")
+
+    def pod_processes(self, pod, *, namespace=None):
+        """The Pod's processes as its node sees them: pid, command line, container, namespaces."""
+        obj = self.get("Pod", pod, namespace=namespace)
+        text = self.node_shell(obj["spec"]["nodeName"], _POD_PROCESSES, obj["metadata"]["uid"]).stdout
+        return pod_processes(text, obj)
+
+    def sandbox(self, pod, *, namespace=None):
+        """The Pod's sandbox on its node: the pause process and the namespaces it holds for the containers."""
+        return {"pod": pod, **sandbox_view(self.pod_processes(pod, namespace=namespace))}
+
+    def pod_cgroup(self, pod, *, namespace=None):
+        """The Pod-level cgroup files the kubelet wrote on its node, decoded (``cgroup_limits``)."""
+        obj = self.get("Pod", pod, namespace=namespace)
+        found = cgroup_limits(self.node_shell(obj["spec"]["nodeName"], _POD_CGROUPS, obj["metadata"]["uid"]).stdout)
+        if not found["files"]:
+            raise LabError(f"no cgroup of Pod {pod} found under /sys/fs/cgroup on {obj['spec']['nodeName']}",
+                           fix="is it running? c.get('Pod', name)['status'] says")
+        return found
+
+    def service_rules(self, node, service, mode):
+        """kube-proxy's rules for ``namespace/name`` on ``node`` in its ``mode``, decoded; None if none."""
+        if mode == "nftables":
+            return nftables_service(self.node_exec(node, "nft", "list", "table", "ip", "kube-proxy").stdout, service)
+        if mode == "iptables":
+            return iptables_service(self.node_exec(node, "iptables-save", "-t", "nat").stdout, service)
+        raise BadInput(f"no rules decoder for kube-proxy mode {mode!r}", fix="iptables or nftables")
+
+    def wait_rules(self, node, service, mode, endpoints, *, timeout=60):
+        """Wait until kube-proxy on ``node`` has written all ``endpoints`` of the Service (it syncs
+        a moment after the EndpointSlice changes); return the rules."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rules = self.service_rules(node, service, mode)
+            got = len(rules["endpoints"]) if rules else 0
+            if got == endpoints:
+                return rules
+            if time.monotonic() > deadline:
+                raise LabTimeout(f"kube-proxy on {node} wrote {got} of {endpoints} endpoints of {service} "
+                                 f"in {timeout:g} s", fix="is kube-proxy running on that node? read its logs")
+            time.sleep(1)
+
+    # ---- what only kind can do (helpers.kind.KindCluster does it)
+
+    def kind_only(self, what, shows):
+        """True on a kind cluster. Elsewhere print what the step would show and how to see it, and
+        return False, so that the notebook goes on."""
+        print(f"[kind only] {what}: this step would show {shows}. {self.context} is not a kind cluster; "
+              "to see it, run this lab on its own kind cluster (unset CNLAB_CONTEXT, install kind).")
+        return False
+
+    def node_containers(self):
+        self.kind_only("listing the node containers", "each node as a Docker container on this machine")
+        return []
 
     def stop_node(self, node):
-        raise NeedsKind("stopping a node", self.context)
+        self.kind_only(f"stopping node {node}", "its kubelet going silent, the node Unknown, its Pods evicted")
 
     def start_node(self, node, *, timeout=180):
-        raise NeedsKind("starting a node", self.context)
-
-    def load_image(self, *refs):
-        raise NeedsKind("loading a local image into the nodes", self.context)
-
-    def sandbox(self, node, pod, *, namespace=None):
-        raise NeedsKind("reading a Pod's sandbox on its node", self.context)
+        self.kind_only(f"starting node {node}", "the node Ready again and its kubelet finishing the evictions")
 
 
 def _comparable(obj):
@@ -724,3 +1164,32 @@ def _comparable(obj):
 def connect(context=None, *, kubeconfig=None, namespace="default"):
     """A Cluster for a kubeconfig context: the current one unless named."""
     return Cluster(context, kubeconfig=kubeconfig, namespace=namespace)
+
+
+@owners.sweeper(owners.CLUSTERS)
+def sweep(namespace=None):
+    """Give back what a Cluster changed and a crash (a dead kernel, an interrupted cell) left:
+    its labels, cordons, namespaces and CRDs, from its record. ``namespace`` limits it to one lab's.
+
+    A record whose kubeconfig or context is gone (a deleted kind cluster) has nothing left to give
+    back; one whose cluster does not answer now is kept for the next sweep.
+    """
+    for path in sorted(RECORDS.glob("*.json")) if RECORDS.is_dir() else []:
+        record = _load_record(path)
+        if record is None:
+            path.unlink(missing_ok=True)
+            continue
+        if namespace and record["namespace"] != namespace:
+            continue
+        try:
+            c = Cluster(record["context"], kubeconfig=record["kubeconfig"], namespace=record["namespace"])
+        except NoCluster:
+            path.unlink(missing_ok=True)
+            continue
+        c._owned = [tuple(o) for o in record["owned"]]
+        c._labelled = {tuple(item[:3]): item[3] for item in record["labelled"]}
+        c._cordoned = list(record["cordoned"])
+        try:
+            c.tear_down()
+        except NoCluster:
+            c.close()

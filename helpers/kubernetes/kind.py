@@ -7,7 +7,7 @@ only the "machines" are containers, which is what lets a lab stop a node::
     c = kind.create("pods", workers=2)        # cluster cnlab-pods: a cluster.Cluster
     c.apply("42-pods/single.yaml")
     c.stop_node("cnlab-pods-worker")          # docker stop: the node dies, its Pods with it
-    c.delete()
+    c.tear_down()                             # kind delete cluster
 
 This module is the kind side: the cluster config, the preflight, the ``kind`` command line,
 and the node containers (through the Docker SDK). The Kubernetes side, which works on any
@@ -16,8 +16,8 @@ cluster, is ``helpers.cluster``; ``KindCluster`` is a ``cluster.Cluster`` that a
 Each cluster gets its own kubeconfig file under ``STATE/kind``: creating one never changes
 your ``~/.kube/config`` or its current context.
 """
+import atexit
 import contextlib
-import json
 import os
 import platform
 import re
@@ -37,9 +37,10 @@ from helpers._core.names import PREFIX, state_dir
 
 KIND_VERSION = "v0.29.0"       # the kind release the node image below was built for
 KUBERNETES_VERSION = "1.33.1"  # what that image runs; manifests are validated against it
+KUBECTL_VERSION = f"v{KUBERNETES_VERSION}"  # the workflow and the devcontainer install this one
 NODE_IMAGE = ("kindest/node:v1.33.1"
               "@sha256:050072256b9a903bd914c0b2866828150cb229cea0efe5892e2b644d5dd3b34f")
-PROXY_MODES = ("iptables", "ipvs")
+PROXY_MODES = ("iptables", "nftables", "ipvs")  # ipvs: deprecated since Kubernetes 1.35, history here
 IPVS_MODULES = ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "nf_conntrack")
 MIN_WATCHES, MIN_INSTANCES = 524288, 512   # kind's "known issues": too many open files
 MIN_FREE = 5 * 2**30                        # a node image is ~1 GiB; each node writes more
@@ -90,7 +91,8 @@ def config(name, *, workers=1, proxy_mode="iptables", image=NODE_IMAGE):
     if not isinstance(workers, int) or not 0 <= workers <= 5:
         raise BadInput(f"workers={workers!r}: a kind cluster here has 0 to 5 workers")
     cfg = {"kind": "Cluster", "apiVersion": "kind.x-k8s.io/v1alpha4", "name": cluster_name(name),
-           "nodes": [{"role": "control-plane", "image": image}] + [{"role": "worker", "image": image}] * workers,
+           # one dict per node: a repeated dict would be dumped as YAML anchors (&id001, *id001)
+           "nodes": [{"role": role, "image": image} for role in ["control-plane"] + ["worker"] * workers],
            "networking": {"kubeProxyMode": proxy_mode}}
     check_config(cfg)
     return cfg
@@ -241,30 +243,56 @@ def create(name, *, workers=1, proxy_mode="iptables", reuse=False, image=NODE_IM
         _kind("create", "cluster", "--name", full, "--config", str(config_file), "--kubeconfig", str(path),
               timeout=timeout + 300)
         found = KindCluster(full, path, namespace=namespace)
-    found.wait_ready(nodes=1 + workers, timeout=timeout)
+    found.wait_ready(nodes=1 + workers, timeout=timeout, system_pods=True)
     return found
 
 
-def lab_cluster(lab, *, workers=1, proxy_mode="iptables", load=()):
-    """The cluster a lab runs on, working in namespace ``cnlab-<lab>``, with images ``load`` on its nodes.
+def lab_cluster(lab, *, workers=1, proxy_mode="iptables", load=(), storage=False, dns=False):
+    """The cluster a lab runs on, working in a fresh namespace ``cnlab-<lab>``, with images ``load`` on its nodes.
 
-    By default the kind cluster ``cnlab-<lab>`` (made, or reused after an interrupted run), and
-    the images are loaded into its nodes. With ``CNLAB_CONTEXT=<context>`` in the environment,
-    that context of your kubeconfig instead: its nodes must already have the images (a cluster
-    sharing this machine's Docker engine does; otherwise push them to a registry they pull
-    from); the lab leaves your cluster as it found it, and its cells that need kind (stopping a
-    node, reading a node's rules) raise NeedsKind.
+    By default the kind cluster ``cnlab-<lab>`` (made, or reused after an interrupted run), with
+    the images built here and loaded into its nodes. With ``CNLAB_CONTEXT=<context>``, that
+    context of your kubeconfig: its nodes must have the images already (a MissingImages error
+    says how to import them), and what the lab asks for that the cluster lacks (``workers``
+    nodes for ordinary Pods, ``proxy_mode``, a default StorageClass with ``storage``, cluster DNS
+    with ``dns``) is printed and kept in ``c.lacks``, for the lab's cells to adapt to.
+
+    What an earlier, interrupted run of the lab left in the namespace is deleted first; the
+    lab's ``tear_down`` (in its last cell's ``finally``, and at the kernel's exit) gives the
+    cluster back as it was.
     """
     context = os.environ.get("CNLAB_CONTEXT")
     namespace = f"{PREFIX}-{lab}"
     if context:
         c = cluster.connect(context, namespace=namespace)
+        c.check_images(list(load))
+        c.facts_ = c.facts()
+        c.lacks = cluster.lacking(c.facts_, workers=workers, proxy_mode=proxy_mode, storage=storage, dns=dns)
+        for line in c.lacks:
+            print(f"note: {context}: {line}")
     else:
         c = create(lab, workers=workers, proxy_mode=proxy_mode, reuse=True, namespace=namespace)
         if load:
-            c.load_image(*load)
+            c.load_image(*[_build(ref) for ref in load])
+        c.facts_, c.lacks = c.facts(), []
+    cluster.sweep(namespace)                   # what a crashed run left
+    c.delete("Namespace", namespace, timeout=300)
     c.ensure_namespace()
+    atexit.register(_quietly, c.tear_down)     # the kernel's normal exit gives the cluster back too
     return c
+
+
+def _quietly(tear_down):
+    with contextlib.suppress(LabError):  # at exit, an unreachable cluster is the sweep's to retry
+        tear_down()
+
+
+def _build(ref):
+    """A course image named ``cnlab/busybox:<tag>``, built here if this engine lacks it."""
+    repo, _, tag = ref.partition(":")
+    if repo != images.BUSYBOX:
+        return ref
+    return images.busybox(tag or "latest")
 
 
 def delete(name):
@@ -317,6 +345,9 @@ class KindCluster(cluster.Cluster):
         super().__init__(f"kind-{name}", kubeconfig=str(kubeconfig_path), namespace=namespace)
         self.kind = name
 
+    def kind_only(self, what, shows):
+        return True
+
     def node_containers(self):
         with contextlib.closing(images.client()) as c:
             found = c.containers.list(all=True, filters={"label": f"{CLUSTER_LABEL}={self.kind}"})
@@ -331,7 +362,8 @@ class KindCluster(cluster.Cluster):
         return client.containers.get(node)
 
     def node_exec(self, node, *command):
-        """Run a command inside a node container (it has iptables, crictl, ip, ...)."""
+        """Run a command inside a node container (it has iptables, nft, crictl, ip, ...): the same
+        view as the node Pod's, through Docker."""
         with contextlib.closing(images.client()) as c:
             code, (out, err) = self._container(c, node).exec_run(list(command), demux=True)
         return cluster.Result(code, (out or b"").decode(), (err or b"").decode())
@@ -366,84 +398,11 @@ class KindCluster(cluster.Cluster):
     def tear_down(self):
         """Delete the whole cluster: the namespace and everything else go with it."""
         self.close()
-        delete(self.kind)
-
-    def sandbox(self, node, pod, *, namespace=None):
-        """The Pod's sandbox on its node, as the kubelet's runtime sees it (``crictl`` in the node)."""
-        namespace = namespace or self.namespace
-        pods = self._crictl(node, "pods", "--name", f"^{pod}$", "--namespace", f"^{namespace}$", "-o", "json")
-        items = [p for p in pods.get("items", []) if p["state"] == "SANDBOX_READY"]
-        if not items:
-            raise KindError(f"no ready sandbox for Pod {namespace}/{pod} on {node}",
-                            fix="is the Pod running there? c.get('Pod', name)['spec']['nodeName'] says where")
-        sandbox = items[0]
-        info = self._crictl(node, "inspectp", sandbox["id"]).get("info", {})
-        pause = self.node_exec(node, "cat", f"/proc/{info.get('pid')}/cmdline").stdout.replace("\0", " ").strip()
-        containers = self._crictl(node, "ps", "--pod", sandbox["id"], "-o", "json").get("containers", [])
-        return {"pod": pod, "state": sandbox["state"], "pause": pause,
-                "containers": sorted(c["metadata"]["name"] for c in containers)}
-
-    def _crictl(self, node, *args):
-        result = self.node_exec(node, "crictl", *args)
-        if result.returncode:
-            raise KindError(f"crictl {' '.join(args)} failed on {node}: {result.stderr.strip()}")
-        return json.loads(result.stdout or "{}")
+        self._owned, self._labelled, self._cordoned = [], {}, []
+        self._record()
+        if self.kind in clusters():
+            delete(self.kind)
+            return [f"kind cluster {self.kind} deleted"]
+        return []
 
 
-# ------------------------------------------------------------------------------ kube-proxy's rules
-
-def iptables_service(iptables_save, service):
-    """What kube-proxy's iptables mode wrote for ``namespace/name``: its chain and endpoints.
-
-    ``iptables_save`` is ``iptables-save -t nat`` read inside a node. KUBE-SERVICES jumps to the
-    service's KUBE-SVC chain; that chain picks a KUBE-SEP chain per endpoint with ``statistic
-    --mode random --probability p`` (1/n, then 1/(n-1), ... so each gets an equal share); each
-    KUBE-SEP chain DNATs to one Pod. Returns {"chain", "cluster_ip", "endpoints": [(ip:port, p)]}.
-    """
-    rules = [line for line in iptables_save.splitlines() if line.startswith("-A ")]
-    comment = re.compile(r'--comment "?' + re.escape(service) + r'[:" ]')
-    svc = next((r for r in rules if r.startswith("-A KUBE-SERVICES ") and comment.search(r)
-                and "-j KUBE-SVC-" in r), None)
-    if svc is None:
-        return None
-    chain = re.search(r"-j (KUBE-SVC-\S+)", svc).group(1)
-    ip, port = re.search(r"-d (\S+?)(?:/32)? ", svc).group(1), re.search(r"--dport (\d+)", svc).group(1)
-    endpoints = []
-    for rule in rules:
-        sep = re.search(r"-j (KUBE-SEP-\S+)", rule)
-        if rule.startswith(f"-A {chain} ") and sep:
-            p = re.search(r"--probability (\S+)", rule)
-            dnat = next(re.search(r"--to-destination (\S+)", r).group(1) for r in rules
-                        if r.startswith(f"-A {sep.group(1)} ") and "--to-destination" in r)
-            endpoints.append((dnat, float(p.group(1)) if p else 1.0))
-    return {"chain": chain, "cluster_ip": f"{ip}:{port}", "endpoints": endpoints}
-
-
-def shares(probabilities):
-    """The fraction of new connections each rule of a KUBE-SVC chain receives, in order."""
-    left, result = 1.0, []
-    for p in probabilities:
-        result.append(left * p)
-        left *= 1 - p
-    return result
-
-
-def ipvs_services(proc_net_ip_vs):
-    """``/proc/net/ip_vs`` (read inside a node: IPVS tables are per network namespace), decoded.
-
-    Returns {"TCP 10.96.0.10:53": {"scheduler": "rr", "destinations": [("10.244.0.2:53", "Masq", 1)]}}.
-    The kernel prints addresses and ports in hex; ipvsadm is not in kind's node image.
-    """
-    def addr(hexpair):
-        ip, port = hexpair.split(":")
-        return ".".join(str(int(ip[i:i + 2], 16)) for i in range(0, 8, 2)) + f":{int(port, 16)}"
-
-    found, current = {}, None
-    for line in proc_net_ip_vs.splitlines():
-        fields = line.split()
-        if fields[:1] in (["TCP"], ["UDP"], ["SCTP"]) and ":" in fields[1]:
-            current = found.setdefault(f"{fields[0]} {addr(fields[1])}",
-                                       {"scheduler": fields[2], "destinations": []})
-        elif fields[:1] == ["->"] and current is not None and ":" in fields[1] and not fields[1].startswith("Remote"):
-            current["destinations"].append((addr(fields[1]), fields[2], int(fields[3])))
-    return found

@@ -25,10 +25,14 @@ REQUIREMENTS = {
     "etcd": ("etcd",),
     "runc": ("root", "runc"),
     "containerd": ("root", "containerd", "runc", "cni"),
-    "kind": ("docker", "kind", "kubectl", "kind-preflight"),
+    "kind": ("docker", "kind", "kubectl", "kind-preflight"),   # or a cluster CNLAB_CONTEXT names: see OR_ELSE
     "cluster": ("cluster",),
     "apiserver": ("etcd", "apiserver"),
 }
+
+# A requirement met by other capabilities instead: the Kubernetes labs run on their own kind
+# cluster, or on the reachable cluster that CNLAB_CONTEXT names.
+OR_ELSE = {"kind": ("context",)}
 
 
 @dataclass
@@ -139,17 +143,29 @@ def _apiserver():
     return Check(*apiserver.status())
 
 
+def _api_version(context=None):
+    """The Kubernetes version a kubeconfig context's API server reports (5 s at most)."""
+    from kubernetes import client, config
+    with config.new_client_from_config(context=context, persist_config=False) as api:
+        return client.VersionApi(api).get_code(_request_timeout=5).git_version
+
+
 def _cluster():
+    context = os.environ.get("CNLAB_CONTEXT")
     try:
-        from kubernetes import client, config
-        config.load_kube_config()
-        with client.ApiClient() as api:
-            version = client.VersionApi(api).get_code(_request_timeout=5)
-        return Check(True, f"Kubernetes {version.git_version}")
+        return Check(True, f"Kubernetes {_api_version(context)}" + (f" (context {context})" if context else ""))
     except Exception as e:  # no kubeconfig, no context, unreachable: all mean "no cluster"
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        return Check(False, f"no cluster reachable through the current kubeconfig ({reason}): "
-                            "create one with kind (see the Kubernetes chapter)")
+        return Check(False, f"no cluster reachable through the {'context ' + context if context else 'current context'} "
+                            f"of the kubeconfig ({reason}): create one with kind (see the Kubernetes chapter)")
+
+
+def _context(cluster):
+    """The cluster that CNLAB_CONTEXT names, reachable: the Kubernetes labs run there instead of on kind."""
+    context = os.environ.get("CNLAB_CONTEXT")
+    if not context:
+        return Check(False, "CNLAB_CONTEXT is not set (set it to a kubeconfig context to run the Kubernetes labs there)")
+    return Check(cluster.ok, f"CNLAB_CONTEXT={context}: {cluster.detail}")
 
 
 @functools.cache
@@ -180,6 +196,7 @@ def probe():
         "cluster": _cluster(),
         "apiserver": _apiserver(),
     }
+    report["context"] = _context(report["cluster"])
     return report
 
 
@@ -191,10 +208,14 @@ def unmet(requirements, report=None):
         if name not in REQUIREMENTS:
             reasons.append(f"unknown requirement {name!r} (known: {', '.join(REQUIREMENTS)})")
             continue
-        for capability in REQUIREMENTS[name]:
-            check = report[capability]
-            if not check.ok and f"{capability}: {check.detail}" not in reasons:
-                reasons.append(f"{capability}: {check.detail}")
+        instead = OR_ELSE.get(name, ())
+        if instead and all(report[capability].ok for capability in instead):
+            continue
+        missing = [f"{capability}: {report[capability].detail}" for capability in REQUIREMENTS[name]
+                   if not report[capability].ok]
+        if missing and instead:
+            missing[-1] += " (or: " + "; ".join(f"{c}: {report[c].detail}" for c in instead) + ")"
+        reasons += [why for why in missing if why not in reasons]
     return reasons
 
 
