@@ -378,9 +378,10 @@ def _named(name):
 
 # --- files ------------------------------------------------------------------------------------
 
-def _write(path, value, *, optional=False):
-    """Write one value to an existing cgroup file; True when written. No such file: the kernel
-    lacks the feature (NotSupported, or False when ``optional``); EINVAL: it refused the value."""
+def _write(path, *values, optional=False):
+    """Write each value to an existing cgroup file, one write(2) each (a devices.allow reads one
+    rule a write); True when written. No such file: the kernel lacks the feature (NotSupported,
+    or False when ``optional``); EINVAL: it refused the value."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     except FileNotFoundError as e:
@@ -388,7 +389,8 @@ def _write(path, value, *, optional=False):
             return False
         raise NotSupported(f"{path} does not exist: this kernel cannot apply that setting") from e
     try:
-        os.write(fd, str(value).encode())
+        for value in values:
+            os.write(fd, str(value).encode())
     except OSError as e:
         kind = BadInput if e.errno in (errno.EINVAL, errno.ERANGE) else LabError
         raise kind(f"the kernel refused {value!r} for {path}: {e.strerror}") from e

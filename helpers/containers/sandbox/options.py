@@ -135,14 +135,14 @@ class Options:
                                help="all of the above")
 
     def __post_init__(self):
-        for f in fields(self):
-            if f.metadata["check"] is not None:
-                object.__setattr__(self, f.name, f.metadata["check"](getattr(self, f.name)))
+        for name, check in _CHECKS:
+            object.__setattr__(self, name, check(getattr(self, name)))
 
     def limits(self) -> cgroups.Limits:
         return cgroups.Limits.parse(memory=self.memory, cpus=self.cpus, pids=self.pids)
 
 
+_CHECKS = [(f.name, f.metadata["check"]) for f in fields(Options) if f.metadata["check"] is not None]
 Options.__doc__ = (Options.__doc__ or "").rstrip() + "\n\n" + "\n".join(
     f"    ``{f.name}={f.default!r}``: {f.metadata['help']}"
     + (f" ({', '.join(f.metadata['flags'])})" if f.metadata["flags"] else "") for f in fields(Options))

@@ -125,8 +125,7 @@ class DevicesGroup:
         os.mkdir(self.path)
         try:
             cgroups._write(self.path / "devices.deny", "a")
-            for rule in DEVICES:            # one write each: the kernel reads one rule a write
-                cgroups._write(self.path / "devices.allow", rule)
+            cgroups._write(self.path / "devices.allow", *DEVICES)
         except BaseException:
             self.remove()
             raise
