@@ -21,13 +21,20 @@ import re
 import secrets
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 from helpers._core import loop, owners, wait
 from helpers.containers import images
 from helpers.errors import BadInput
 from helpers._core.names import LABEL, PREFIX
 from helpers.orchestration.swarm import WORKLOAD  # the same idle busybox as Swarm's tasks
+
+if TYPE_CHECKING:
+    import docker
+
+    from helpers.orchestration import etcd
 
 REGISTRY = f"/registry/{PREFIX}/replicasets/"
 OWNER = f"{LABEL}.owner"
@@ -49,7 +56,7 @@ class Action:
     owner: str
     why: str
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.verb} {self.owner}: {self.why}"
 
 
@@ -60,7 +67,7 @@ def _check_name(name):
 
 # ------------------------------------------------------------------ desired state (etcd)
 
-def apply(db, name, *, image, replicas):
+def apply(db: "etcd.Client", name: str, *, image: str, replicas: int) -> dict[str, Any]:
     """Write the desired state of replica set ``name``; return the object as stored.
 
     This plays the API server's part: ``metadata.generation`` goes up when the spec changes
@@ -75,7 +82,8 @@ def apply(db, name, *, image, replicas):
     spec = {"image": image, "replicas": replicas}
     while True:
         kv = db.get(REGISTRY + name)
-        obj = json.loads(kv.value) if kv else {"metadata": {"name": name, "generation": 0}, "status": {}}
+        obj: dict[str, Any] = (json.loads(kv.value) if kv else
+                               {"metadata": {"name": name, "generation": 0}, "status": {}})
         if obj.get("spec") == spec:
             return obj
         obj["spec"] = spec
@@ -84,13 +92,13 @@ def apply(db, name, *, image, replicas):
             return obj
 
 
-def get(db, name):
+def get(db: "etcd.Client", name: str) -> dict[str, Any] | None:
     """The stored object of replica set ``name``, or None."""
     kv = db.get(REGISTRY + name)
     return json.loads(kv.value) if kv else None
 
 
-def delete(db, name):
+def delete(db: "etcd.Client", name: str) -> bool:
     """Delete the desired state; the controller then deletes the containers it owned."""
     return db.delete(REGISTRY + name) == 1
 
@@ -101,7 +109,7 @@ def _encode(obj):
 
 # ------------------------------------------------------------------ actual state (Docker)
 
-def replicas(client, owner=None):
+def replicas(client: "docker.DockerClient", owner: str | None = None) -> list[Replica]:
     """Every container owned by a replica set (or by ``owner``), sorted by name."""
     label = f"{OWNER}={owner}" if owner else OWNER
     found = [Replica(c["Names"][0].lstrip("/"), c["Labels"][OWNER], c["Image"], c["State"], c["Created"])
@@ -109,7 +117,7 @@ def replicas(client, owner=None):
     return sorted(found, key=lambda r: r.name)
 
 
-def observe(db, name, client=None):
+def observe(db: "etcd.Client", name: str, client: "docker.DockerClient | None" = None) -> dict[str, Any]:
     """Desired, recorded and actual state of ``name`` side by side: run-independent, unlike IDs."""
     obj = get(db, name) or {}
     with _docker(client) as c:
@@ -118,7 +126,7 @@ def observe(db, name, client=None):
 
 
 @contextlib.contextmanager
-def _docker(client):
+def _docker(client: "docker.DockerClient | None") -> Iterator["docker.DockerClient"]:
     if client is not None:
         yield client
         return
@@ -128,7 +136,7 @@ def _docker(client):
 
 # ------------------------------------------------------------------ the diff
 
-def diff(spec, owned):
+def diff(spec: dict[str, Any] | None, owned: list[Replica]) -> tuple[list[tuple[Replica, str]], int]:
     """What to do for one replica set: (containers to delete with why, how many to create).
 
     Pure logic, no I/O. A container counts if it runs the spec's image; others are replaced.
@@ -147,7 +155,8 @@ def diff(spec, owned):
 class Controller:
     """The loop: ``reconcile_once()`` by hand, or ``start()`` it in a thread and ``stop()`` it."""
 
-    def __init__(self, db, *, resync=2.0, client=None):
+    def __init__(self, db: "etcd.Client", *, resync: float = 2.0,
+                 client: "docker.DockerClient | None" = None) -> None:
         self.db = db
         self.resync = resync
         self._client = client
@@ -160,17 +169,17 @@ class Controller:
         self.history = self._loop.log   # a log for people to read, never used to decide
 
     @property
-    def last_error(self):
+    def last_error(self) -> Exception | None:
         """Why the last pass failed (etcd or Docker away), or None once one succeeds."""
         return self._loop.last_error
 
     # one pass ------------------------------------------------------------------------
-    def reconcile_once(self):
+    def reconcile_once(self) -> list[Action]:
         """List everything, diff, act, record status; return the actions taken."""
         with self._lock, _docker(self._client) as client:
             objects = {kv.key.removeprefix(REGISTRY): kv for kv in self.db.get_prefix(REGISTRY)
                        if "/" not in kv.key.removeprefix(REGISTRY)}
-            owned = {}
+            owned: dict[str, list[Replica]] = {}
             for r in replicas(client):
                 owned.setdefault(r.owner, []).append(r)
             actions = []
@@ -220,14 +229,14 @@ class Controller:
 
     # the loop in a thread ----------------------------------------------------------------
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._loop.running
 
-    def start(self):
+    def start(self) -> Self:
         self._loop.start()
         return self
 
-    def stop(self, timeout=10.0):
+    def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop and its watches; the containers stay (they are the workload)."""
         self._loop.stop(timeout)
 
@@ -246,17 +255,18 @@ class Controller:
             raise
         return loop.Stream(events, events.close, client.close)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<controller.Controller {'running' if self.running else 'stopped'}, {self.passes} passes>"
 
 
-def wait_converged(db, name, *, timeout=30.0, client=None):
+def wait_converged(db: "etcd.Client", name: str, *, timeout: float = 30.0,
+                   client: "docker.DockerClient | None" = None) -> dict[str, Any]:
     """Wait until the containers of ``name`` match its spec and its status says so; return the object."""
     with _docker(client) as c:
         def converged():
@@ -275,7 +285,7 @@ def wait_converged(db, name, *, timeout=30.0, client=None):
 
 
 @owners.sweeper(owners.RUNTIMES)
-def sweep():
+def sweep() -> None:
     """Remove every container a replica set owned (the desired state goes with its etcd)."""
     try:
         client = images.client(timeout=10)

@@ -17,13 +17,18 @@ import contextlib
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 from helpers._core import owners
 from helpers.containers import engine, images
 from helpers import errors
 from helpers.errors import BadInput, LabError, LabTimeout
 from helpers._core.names import LABEL, PREFIX
+
+if TYPE_CHECKING:
+    import docker
 
 MARK = {LABEL: "course"}  # on the swarm's spec (and services, containers): the course made it
 SECOND = 1_000_000_000    # the Swarm API counts durations in nanoseconds
@@ -37,7 +42,7 @@ class SwarmError(LabError):
 
 
 class ForeignSwarm(SwarmError, errors.Refused):
-    def __init__(self, state):
+    def __init__(self, state: str) -> None:
         super().__init__(f"this Docker engine is already in a swarm ({state}) that the course did not create",
                          fix="the labs leave it alone; if it is yours to end, "
                              "run `docker swarm leave --force`")
@@ -61,12 +66,12 @@ class Task:
         return cls(task["ID"], task.get("Slot", 0), image, task["DesiredState"], status["State"],
                    status.get("Err", ""), status.get("ContainerStatus", {}).get("ContainerID"))
 
-    def __str__(self):
+    def __str__(self) -> str:
         text = f"slot {self.slot}  {self.image:22}  desired {self.desired:8}  current {self.state}"
         return text + (f"  ({self.error})" if self.error else "")
 
 
-def is_ours(client):
+def is_ours(client: "docker.DockerClient") -> bool:
     """Whether the active swarm is one the course made (its spec carries the cnlab label)."""
     client.swarm.reload()
     return (client.swarm.attrs.get("Spec", {}).get("Labels") or {}).get(LABEL) == MARK[LABEL]
@@ -88,12 +93,12 @@ def _wait(check, timeout, what, detail=lambda: ""):
 class Swarm:
     """A one-node swarm on this engine: ``init()`` it and ``leave()`` it, or use ``with``."""
 
-    def __init__(self, *, timeout=60.0):
+    def __init__(self, *, timeout: float = 60.0) -> None:
         self.timeout = timeout
-        self._client = None
+        self._client: "docker.DockerClient | None" = None     # while in the swarm
         self._had_gwbridge = True
 
-    def init(self):
+    def init(self) -> Self:
         """``docker swarm init --advertise-addr 127.0.0.1``, marked as the course's swarm."""
         self._client = engine.client()
         try:
@@ -111,7 +116,7 @@ class Swarm:
             raise
         return self
 
-    def leave(self):
+    def leave(self) -> None:
         """Remove the services, wait until their containers are gone, leave the swarm (force)."""
         if self._client is None:  # never initialised, or left already
             return
@@ -125,28 +130,29 @@ class Swarm:
             self._client.close()
             self._client = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.init()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.leave()
 
     @property
-    def node(self):
+    def node(self) -> dict[str, Any]:
         """This engine's node: its role, availability and labels, as the scheduler sees them."""
         node = self._client.nodes.list()[0]
         return {"role": node.attrs["Spec"]["Role"], "availability": node.attrs["Spec"]["Availability"],
                 "labels": node.attrs["Spec"].get("Labels") or {}}
 
-    def label_node(self, **labels):
+    def label_node(self, **labels: str) -> None:
         """Add labels to this node; the scheduler places pending tasks that now fit."""
         node = self._client.nodes.list()[0]
         spec = dict(node.attrs["Spec"])
         spec["Labels"] = {**(spec.get("Labels") or {}), **labels}
         node.update(spec)
 
-    def create(self, name, *, replicas=1, image=None, constraints=(), parallelism=1, delay=1.0,
-               restart_delay=1.0, wait=True):
+    def create(self, name: str, *, replicas: int = 1, image: str | None = None,
+               constraints: Iterable[str] = (), parallelism: int = 1, delay: float = 1.0,
+               restart_delay: float = 1.0, wait: bool = True) -> "Service":
         """Create service ``cnlab-<name>``; with ``wait``, return once its replicas all run
         (not with ``constraints``: they may never be met).
 
@@ -176,7 +182,7 @@ class Swarm:
             created.wait_converged()
         return created
 
-    def services(self):
+    def services(self) -> list["Service"]:
         return sorted((Service(self, s) for s in self._client.services.list(filters={"label": LABEL})),
                       key=lambda s: s.name)
 
@@ -184,38 +190,38 @@ class Swarm:
 class Service:
     """One Swarm service: its spec (desired) and its tasks (desired and current state)."""
 
-    def __init__(self, swarm, service):
+    def __init__(self, swarm: Swarm, service: "docker.models.services.Service") -> None:
         self._swarm, self._service = swarm, service
         self.id, self.name = service.id, service.name
 
     @property
-    def spec(self):
+    def spec(self) -> dict[str, Any]:
         self._service.reload()
         return self._service.attrs["Spec"]
 
     @property
-    def replicas(self):
+    def replicas(self) -> int:
         return self.spec["Mode"]["Replicated"]["Replicas"]
 
     @property
-    def image(self):
+    def image(self) -> str:
         return self.spec["TaskTemplate"]["ContainerSpec"]["Image"].split("@")[0]
 
     @property
-    def update_state(self):
+    def update_state(self) -> str | None:
         """The last rolling update's state ("updating", "completed", "rollback_completed", ...), or None."""
         self._service.reload()
         return self._service.attrs.get("UpdateStatus", {}).get("State")
 
-    def tasks(self):
+    def tasks(self) -> list[Task]:
         """Every task the manager still remembers, running and past, sorted by slot then state."""
         found = [Task._from(t) for t in self._service.tasks()]
         return sorted(found, key=lambda t: (t.slot, t.desired != "running", t.state, t.image))
 
-    def running(self):
+    def running(self) -> list[Task]:
         return [t for t in self.tasks() if t.desired == t.state == "running"]
 
-    def summary(self):
+    def summary(self) -> dict[tuple[str, str], int]:
         """How many tasks are in each (desired, current) state pair: run-independent, unlike IDs."""
         return dict(sorted(Counter((t.desired, t.state) for t in self.tasks()).items()))
 
@@ -226,24 +232,24 @@ class Service:
         return (done and len(live) == self.replicas
                 and all(t.state == "running" and t.image == self.image for t in live))
 
-    def wait_converged(self, timeout=None):
+    def wait_converged(self, timeout: float | None = None) -> Self:
         """Wait until exactly ``replicas`` tasks run the current image and every old one has ended."""
         _wait(self._converged, timeout or self._swarm.timeout, f"{self.name} converging",
               lambda: "Tasks: " + "; ".join(map(str, self.tasks())))
         return self
 
-    def scale(self, replicas, *, wait=True):
+    def scale(self, replicas: int, *, wait: bool = True) -> Self:
         if replicas < 0:
             raise BadInput(f"replicas {replicas!r}: must be >= 0")
         self._update(lambda spec: spec["Mode"]["Replicated"].update(Replicas=replicas))
         return self.wait_converged() if wait else self
 
-    def update(self, image, *, wait=True):
+    def update(self, image: str, *, wait: bool = True) -> list[int] | None:
         """A rolling update to ``image``; return how many tasks ran it, step by step (e.g. 0, 1, 2, 3)."""
         self._update(lambda spec: spec["TaskTemplate"]["ContainerSpec"].update(Image=image))
         return self._follow("completed") if wait else None
 
-    def rollback(self, *, wait=True):
+    def rollback(self, *, wait: bool = True) -> list[int] | None:
         """``docker service rollback``: the manager rolls back to the previous spec, rolling too."""
         api = self._swarm._client.api
         self._service.reload()
@@ -288,7 +294,7 @@ class Service:
               lambda: "Tasks: " + "; ".join(map(str, self.tasks())))
         return steps
 
-    def kill(self, *, slot):
+    def kill(self, *, slot: int) -> Task:
         """SIGKILL the container of the running task in ``slot`` (from the engine, behind Swarm's back)."""
         import docker
         victim = next((t for t in self.running() if t.slot == slot), None)
@@ -298,7 +304,7 @@ class Service:
             self._swarm._client.containers.get(victim.container).kill()
         return victim
 
-    def wait_replaced(self, task, timeout=None):
+    def wait_replaced(self, task: Task, timeout: float | None = None) -> Task:
         """Wait until ``task`` has ended and a new task runs in its slot; return the new one."""
         def replacement():
             tasks = self.tasks()
@@ -310,17 +316,17 @@ class Service:
         return _wait(replacement, timeout or self._swarm.timeout, f"a replacement in slot {task.slot}",
                      lambda: "Tasks: " + "; ".join(map(str, self.tasks())))
 
-    def wait_pending(self, timeout=None):
+    def wait_pending(self, timeout: float | None = None) -> list[Task]:
         """Wait until the scheduler has said why a task cannot be placed; return those tasks."""
         def pending():
             return [t for t in self.tasks() if t.state == "pending" and t.error]
         return _wait(pending, timeout or self._swarm.timeout, f"a pending task of {self.name}")
 
-    def remove(self, timeout=None):
+    def remove(self, timeout: float | None = None) -> None:
         """Remove the service and wait until its containers are gone."""
         _remove(self._swarm._client, self._service, timeout or self._swarm.timeout)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<swarm.Service {self.name}>"
 
 
@@ -334,7 +340,7 @@ def _remove(client, service, timeout):
 
 
 @owners.lister
-def leftovers():
+def leftovers() -> list[str]:
     """The swarm, if this machine is in one the course made."""
     try:
         client = engine.client(timeout=5)
@@ -346,7 +352,7 @@ def leftovers():
 
 
 @owners.sweeper(owners.RUNTIMES + 1)
-def sweep(timeout=60.0):
+def sweep(timeout: float = 60.0) -> None:
     """Remove the course's services (waiting for their containers) and leave a swarm it created."""
     try:
         client = engine.client(timeout=10)

@@ -22,9 +22,13 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 from helpers._core import loop, wait
 from helpers.containers import cri
+
+if TYPE_CHECKING:
+    import kubernetes.client
 
 GROUP, VERSION, KIND, PLURAL = "cnlab.example", "v1", "Website", "websites"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -93,9 +97,10 @@ CRD = {
 }
 
 
-def website(name, *, image, replicas, page=None, namespace="default"):
+def website(name: str, *, image: str, replicas: int, page: str | None = None,
+            namespace: str = "default") -> dict[str, Any]:
     """A Website manifest (a dict). Nothing checks it here: the API server does, for real."""
-    spec = {"image": image, "replicas": replicas}
+    spec: dict[str, Any] = {"image": image, "replicas": replicas}
     if page is not None:
         spec["page"] = page
     return {"apiVersion": API_VERSION, "kind": KIND,
@@ -118,11 +123,11 @@ class Replica:
     running: bool          # the sandbox is ready and its web container runs
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.pod.name
 
 
-def replicas(runtime, site=None):
+def replicas(runtime: cri.Client, site: str | None = None) -> list[Replica]:
     """The Websites' pods in the runtime (all of them, or those of ``"namespace/name"``)."""
     running_in = {c.pod_id for c in runtime.containers(labels=cri.OWNER)
                   if c.name == "web" and c.state == "CONTAINER_RUNNING"}
@@ -136,7 +141,7 @@ def replicas(runtime, site=None):
     return sorted(found, key=lambda r: r.name)
 
 
-def remove_pod(runtime, pod):
+def remove_pod(runtime: cri.Client, pod: cri.PodInfo) -> None:
     """Stop and remove one pod and what ``cri.Pod`` made for it (its log folder, its cgroup)."""
     with contextlib.suppress(cri.NotFound):
         runtime.stop_pod(pod.id)
@@ -170,7 +175,7 @@ class Action:
     site: str
     why: str
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.verb} {self.site}: {self.why}"
 
 
@@ -181,22 +186,23 @@ class Controller:
     keeps the last 200 things it did, newest last.
     """
 
-    def __init__(self, api, runtime, *, namespace="default", resync=2.0):
+    def __init__(self, api: "kubernetes.client.ApiClient", runtime: cri.Client, *,
+                 namespace: str = "default", resync: float = 2.0) -> None:
         self.api, self.runtime = api, runtime
         self.namespace = namespace
         self.resync = resync
         self.passes = 0
-        self._version = None  # of the last pass's list: the watch wakes the loop for what came after
+        self._version: str | None = None  # of the last pass's list: the watch wakes the loop for what came after
         self._loop = loop.Loop(lambda keys: self.reconcile_once(), resync=resync, name="cnlab-websites",
                                watches=[loop.Watch(PLURAL, self._watch)], on_error=self._failed)
         self.actions = self._loop.log
 
     # -- one pass --
 
-    def reconcile_once(self):
+    def reconcile_once(self) -> str:
         """List everything, act on the differences; return the list's resourceVersion."""
         listing = _objects(self.api).list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
-        by_site = {}
+        by_site: dict[str, list[Replica]] = {}
         for replica in replicas(self.runtime):
             by_site.setdefault(replica.site, []).append(replica)
         for obj in listing["items"]:
@@ -283,14 +289,14 @@ class Controller:
     # -- the loop --
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._loop.running
 
-    def start(self):
+    def start(self) -> Self:
         self._loop.start()
         return self
 
-    def stop(self, timeout=15.0):
+    def stop(self, timeout: float = 15.0) -> Self:
         self._loop.stop(timeout)
         return self
 
@@ -307,17 +313,18 @@ class Controller:
         line = (str(e).splitlines() or [""])[0][:200]
         self._did("failed", "-", ("" if where == "pass" else f"watch {where}: ") + f"{type(e).__name__}: {line}")
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<websites.Controller {self.namespace} {'running' if self.running else 'stopped'}>"
 
 
-def converged(api, runtime, name, *, namespace="default"):
+def converged(api: "kubernetes.client.ApiClient", runtime: cri.Client, name: str, *,
+              namespace: str = "default") -> bool:
     """True when the pods and the status of Website ``name`` both match its current spec."""
     obj = _objects(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     spec, status = obj["spec"], obj.get("status", {})
@@ -328,7 +335,8 @@ def converged(api, runtime, name, *, namespace="default"):
             and status.get("readyReplicas") == spec["replicas"])
 
 
-def wait_converged(api, runtime, name, *, namespace="default", timeout=60.0):
+def wait_converged(api: "kubernetes.client.ApiClient", runtime: cri.Client, name: str, *,
+                   namespace: str = "default", timeout: float = 60.0) -> float:
     """Wait until ``converged()``; return the seconds it took."""
     started = time.monotonic()
     wait.until(lambda: converged(api, runtime, name, namespace=namespace), timeout,
@@ -337,7 +345,7 @@ def wait_converged(api, runtime, name, *, namespace="default", timeout=60.0):
     return time.monotonic() - started
 
 
-def sweep():
+def sweep() -> None:
     """Remove every Website pod left in the course's containerd (``containerd.sweep_pods()`` removes every
     course pod, these included; this is the narrower one a lab can call)."""
     from helpers.containers import containerd
