@@ -14,7 +14,7 @@ import dataclasses
 import secrets
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from helpers._core import names, procfs
 from helpers.containers import images, sandbox
@@ -38,7 +38,7 @@ class Start:
         return sum(self.memory.values())
 
 
-def start_vm(**options) -> Start:
+def start_vm(**options: Any) -> Start:
     """Boot a VM to its init and power it off: QEMU start to init, and QEMU's peak RSS."""
     with vm.VM(**options) as guest:
         pass

@@ -12,6 +12,8 @@ import hashlib
 import re
 import shutil
 import struct
+from collections.abc import Iterable, Sequence
+from os import PathLike
 from pathlib import Path
 
 from helpers.errors import MissingTool, NotSupported
@@ -21,7 +23,7 @@ _TRAILER = "TRAILER!!!"
 _DIR, _FILE, _LINK = 0o040000, 0o100000, 0o120000
 
 
-def newc(entries):
+def newc(entries: Iterable[tuple[str, int, bytes]]) -> bytes:
     """A ``newc`` cpio archive of ``(path, mode, data)`` entries, data as bytes.
 
     Every timestamp, owner and inode number is fixed, so equal inputs give equal archives.
@@ -36,7 +38,7 @@ def newc(entries):
     return bytes(out)
 
 
-def modules(names, moddir):
+def modules(names: Iterable[str], moddir: str | PathLike[str]) -> list[Path]:
     """Paths of the kernel modules ``names`` and their dependencies, in an order ``insmod`` can load.
 
     ``moddir`` is a kernel's ``/lib/modules/<version>``. Its ``modules.dep`` is written by
@@ -46,7 +48,7 @@ def modules(names, moddir):
     moddir = Path(moddir)
     paths = {Path(line).name.removesuffix(".ko").replace("-", "_"): moddir / line
              for line in (moddir / "modules.order").read_text().split()}
-    ordered = []
+    ordered: list[Path] = []
 
     def visit(name):
         if name not in paths:
@@ -72,7 +74,7 @@ def _dynamic(elf):
                for i in range(count))
 
 
-def build(init, *, modules=()):
+def build(init: str, *, modules: Sequence[str | PathLike[str]] = ()) -> Path:
     """Build (once) and return the path of an initramfs with busybox, ``init`` and ``modules``.
 
     ``/init`` installs busybox's applets as symlinks itself (``busybox --install -s``);

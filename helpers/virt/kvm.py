@@ -27,8 +27,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool, NotSupported
 from helpers._core import names
@@ -56,7 +58,7 @@ class Regs(ctypes.Structure):
     """struct kvm_regs: the general-purpose registers, rip and rflags."""
     _fields_ = [(name, u64) for name in REGISTERS]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         shown = " ".join(f"{n}={getattr(self, n):#x}" for n in REGISTERS if getattr(self, n))
         return f"Regs({shown})"
 
@@ -181,11 +183,12 @@ class GuestError(LabError):
     exits counted so far. A device raises one with only a message; ``run()`` fills in the rest.
     """
 
-    def __init__(self, message, *, reason=None, regs=None, exits=None, fix=None):
+    def __init__(self, message: str, *, reason: str | None = None, regs: Regs | None = None,
+                 exits: collections.Counter | None = None, fix: str | None = None) -> None:
         self.reason, self.regs, self.exits = reason, regs, exits
         super().__init__(message, fix=fix)
 
-    def __str__(self):
+    def __str__(self) -> str:
         where = ""
         if self.regs is not None:
             where = " at " + " ".join(f"{n}={getattr(self.regs, n):#x}" for n in
@@ -220,7 +223,7 @@ class TooManyExits(GuestError, LabTimeout):
 
 # --- guest programs -------------------------------------------------------------------------------
 
-def guest(name, *, at=ENTRY, **symbols):
+def guest(name: str, *, at: int = ENTRY, **symbols: int) -> bytes:
     """Machine code of ``helpers/guests/<name>.S``; ``symbols`` become ``--defsym NAME=value``."""
     path = GUESTS / f"{name}.S"
     if not path.is_file():
@@ -229,7 +232,7 @@ def guest(name, *, at=ENTRY, **symbols):
     return assemble(path.read_text(), at=at, name=name, **symbols)
 
 
-def assemble(source, *, at=ENTRY, name="guest", **symbols):
+def assemble(source: str, *, at: int = ENTRY, name: str = "guest", **symbols: int) -> bytes:
     """Assemble GNU ``as`` source into a flat binary that runs at guest-physical ``at``.
 
     The result is cached under ``CACHE/guests`` by a hash of everything that goes in.
@@ -259,7 +262,7 @@ def assemble(source, *, at=ENTRY, name="guest", **symbols):
     return code
 
 
-def disassemble(code, *, mode="real", at=ENTRY):
+def disassemble(code: bytes, *, mode: str = "real", at: int = ENTRY) -> str:
     """objdump's reading of guest machine code: one ``address: bytes  instruction`` line each."""
     if mode not in _OBJDUMP:
         raise BadInput(f"mode={mode!r}: use one of {', '.join(_OBJDUMP)}")
@@ -289,18 +292,18 @@ class Serial:
     LSR = 5          # line status: bit 0 data ready, bits 5-6 transmitter empty
     ports = range(0x3F8, 0x400)
 
-    def __init__(self, input=b""):
+    def __init__(self, input: bytes = b"") -> None:
         self.output = bytearray()
         self.input = collections.deque(input)
         self._registers = bytearray(8)   # IER, FCR, LCR, MCR, scratch: kept, not acted on
 
-    def write(self, offset, value, size):
+    def write(self, offset: int, value: int, size: int) -> None:
         if offset == self.THR:
             self.output.append(value & 0xFF)
         else:
             self._registers[offset] = value & 0xFF
 
-    def read(self, offset, size):
+    def read(self, offset: int, size: int) -> int:
         if offset == self.RBR:
             return self.input.popleft() if self.input else 0
         if offset == self.LSR:
@@ -370,7 +373,7 @@ class VM:
     A context manager; closing it closes its vCPUs, unmaps its memory and closes every fd.
     """
 
-    def __init__(self, memory=MEMORY):
+    def __init__(self, memory: int = MEMORY) -> None:
         if not isinstance(memory, int) or memory < 0x10000 or memory % mmap.PAGESIZE \
                 or memory > _IDENTITY_MAPPED:
             raise BadInput(f"memory={memory!r}: give a multiple of {mmap.PAGESIZE} bytes "
@@ -409,17 +412,17 @@ class VM:
                            f"(0-{self.memory_size - 1:#x})")
         return slice(address, address + size)
 
-    def load(self, code, at=ENTRY):
+    def load(self, code: bytes, at: int = ENTRY) -> None:
         """Copy guest code (or data) into guest RAM at guest-physical ``at``."""
         self.write(at, code)
 
-    def write(self, address, data):
+    def write(self, address: int, data: bytes) -> None:
         self._memory[self._span(address, len(data))] = bytes(data)
 
-    def read(self, address, size):
+    def read(self, address: int, size: int) -> bytes:
         return bytes(self._memory[self._span(address, size)])
 
-    def vcpu(self, *, mode="real", entry=ENTRY):
+    def vcpu(self, *, mode: str = "real", entry: int = ENTRY) -> "VCPU":
         """A new vCPU, its registers set up to start at ``entry`` in ``mode``."""
         if mode not in _MODES:
             raise BadInput(f"mode={mode!r}: use one of {', '.join(_MODES)}")
@@ -432,7 +435,7 @@ class VM:
             raise
         return cpu
 
-    def close(self):
+    def close(self) -> None:
         for cpu in self._vcpus:
             cpu.close()
         if self._memory is not None:
@@ -442,17 +445,17 @@ class VM:
                 os.close(fd)
         self._fd = self._kvm = self._memory = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 class VCPU:
     """A virtual CPU: its fd, the kvm_run page it shares with the kernel, and the exit loop."""
 
-    def __init__(self, vm, index):
+    def __init__(self, vm: VM, index: int) -> None:
         self.vm = vm
         self._fd = _ioctl(vm._fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
         try:
@@ -463,32 +466,32 @@ class VCPU:
             raise
 
     @property
-    def regs(self):
+    def regs(self) -> Regs:
         regs = Regs()
         _ioctl(self._fd, KVM_GET_REGS, regs, "KVM_GET_REGS")
         return regs
 
     @regs.setter
-    def regs(self, regs):
+    def regs(self, regs: Regs) -> None:
         _ioctl(self._fd, KVM_SET_REGS, regs, "KVM_SET_REGS")
 
     @property
-    def sregs(self):
+    def sregs(self) -> Sregs:
         sregs = Sregs()
         _ioctl(self._fd, KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
         return sregs
 
     @sregs.setter
-    def sregs(self, sregs):
+    def sregs(self, sregs: Sregs) -> None:
         _ioctl(self._fd, KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
-    def reset(self, *, mode="real", entry=ENTRY):
+    def reset(self, *, mode: str = "real", entry: int = ENTRY) -> None:
         sregs = self.sregs
         _MODES[mode](self.vm, sregs)
         self.sregs = sregs
         self.regs = Regs(rip=entry, rsp=entry, rflags=0x2)   # bit 1 of rflags is always set
 
-    def run(self, devices=None, *, max_exits=100_000):
+    def run(self, devices: Iterable[Any] | None = None, *, max_exits: int = 100_000) -> Result:
         """Run until the guest halts; handle its exits with ``devices`` (default: one Serial).
 
         Raises a ``GuestError`` naming the exit reason and the registers for anything else,
@@ -576,17 +579,17 @@ class VCPU:
             value = device.read(offset, mmio.len) & ((1 << 8 * mmio.len) - 1)
             self._page[_MMIO_DATA:_MMIO_DATA + mmio.len] = value.to_bytes(mmio.len, "little")
 
-    def close(self):
+    def close(self) -> None:
         if self._fd is None:
             return
         self._page.close()
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -639,7 +642,7 @@ _HELLO = {"real": "hello", "protected": "protected", "long": "long"}
 
 
 @functools.cache
-def refused(mode):
+def refused(mode: str) -> str | None:
     """None if this machine's KVM runs ``mode`` guests, else why not (for skips and notebooks).
 
     Only the hypervisor's refusals count: an ioctl it fails, or an entry it rejects. A triple
@@ -661,7 +664,7 @@ class Backend:
     extension: str | None     # "vmx" (Intel VT-x), "svm" (AMD-V), or None
 
 
-def backend(modules="/sys/module", cpuinfo="/proc/cpuinfo"):
+def backend(modules: str = "/sys/module", cpuinfo: str = "/proc/cpuinfo") -> Backend:
     module = next((m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if Path(modules, m).is_dir()), None)
     flags = set()
     with open(cpuinfo) as f:

@@ -20,6 +20,7 @@ import statistics
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from helpers.virt import kvm
 from helpers.errors import BadInput
@@ -46,7 +47,7 @@ class RingConsole:
     MAGIC, VERSION, DEVICE_ID, QUEUE_NOTIFY, STATUS = 0x000, 0x004, 0x008, 0x050, 0x070
     NEXT = 1              # descriptor flag: the buffer continues in descriptor `next`
 
-    def __init__(self, vm, *, base=DEVICE):
+    def __init__(self, vm: kvm.VM, *, base: int = DEVICE) -> None:
         self.vm = vm
         self.mmio = range(base, base + 0x200)
         self.output = bytearray()
@@ -55,14 +56,14 @@ class RingConsole:
         self.buffers = 0          # buffers (descriptor chains) consumed
         self._last_avail = 0      # the next available-ring entry the device has not consumed
 
-    def read(self, offset, size):
+    def read(self, offset: int, size: int) -> int:
         registers = {self.MAGIC: int.from_bytes(b"virt", "little"), self.VERSION: 2,
                      self.DEVICE_ID: 3, self.STATUS: self.status}
         if offset not in registers:
             raise kvm.DeviceError(f"RingConsole has no readable register at offset {offset:#x}")
         return registers[offset]
 
-    def write(self, offset, value, size):
+    def write(self, offset: int, value: int, size: int) -> None:
         if offset == self.STATUS:
             self.status = value
         elif offset == self.QUEUE_NOTIFY:
@@ -116,7 +117,7 @@ def _check(style, payload, chunk):
                        f"{QUEUE_SIZE} pieces")
 
 
-def prepare(vm, style, *, payload=JOB, chunk=512):
+def prepare(vm: kvm.VM, style: str, *, payload: bytes = JOB, chunk: int = 512) -> kvm.Serial | RingConsole:
     """Load the payload and the guest program for ``style`` into ``vm``; return the device to give run().
 
     ``chunk``: bytes per descriptor on the paravirtual path (all posted before one doorbell).
@@ -130,7 +131,7 @@ def prepare(vm, style, *, payload=JOB, chunk=512):
     return kvm.Serial() if style == "emulated" else RingConsole(vm)
 
 
-def transfer(style, *, payload=JOB, chunk=512):
+def transfer(style: str, *, payload: bytes = JOB, chunk: int = 512) -> kvm.Result:
     """Do the job once in a fresh real-mode VM, ``emulated`` or ``paravirtual``; return the ``kvm.Result``."""
     _check(style, payload, chunk)        # bad input fails before a VM exists
     with kvm.VM() as vm:
@@ -146,15 +147,15 @@ class Comparison:
     runs: int
 
     @property
-    def exit_ratio(self):
+    def exit_ratio(self) -> float:
         return self.exits["emulated"].total() / self.exits["paravirtual"].total()
 
     @property
-    def time_ratio(self):
+    def time_ratio(self) -> float:
         return self.seconds["emulated"] / self.seconds["paravirtual"]
 
 
-def compare(runs=5, **options):
+def compare(runs: int = 5, **options: Any) -> Comparison:
     """Run each style ``runs`` times (interleaved, so both see the same machine load)."""
     exits, times = {}, collections.defaultdict(list)
     for _ in range(runs):
@@ -186,7 +187,7 @@ _CPUID = bytes([
 ])
 
 
-def cpuid(leaf, subleaf=0):
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
     """Execute CPUID on this machine's CPU (natively, in this process); return eax, ebx, ecx, edx.
 
     Inside a VM the hypervisor intercepts CPUID, so what comes back is what it chose to say.
@@ -228,9 +229,10 @@ class Machine:
     virtio: tuple              # (name, device type, driver) for each virtio device
 
 
-def machine(sysfs="/sys"):
+def machine(sysfs: str = "/sys") -> Machine:
     hypervisor = bool(cpuid(1)[2] >> 31 & 1)
-    vendor, max_leaf, features = "", 0, ()
+    vendor, max_leaf = "", 0
+    features: tuple[str, ...] = ()
     if hypervisor:
         max_leaf, *signature = cpuid(0x40000000)
         vendor = b"".join(r.to_bytes(4, "little") for r in signature).rstrip(b"\0").decode(errors="replace")

@@ -27,7 +27,9 @@ import socket
 import struct
 import threading
 import time
+from os import PathLike
 from pathlib import Path
+from typing import Any, Self
 
 from helpers.virt import initramfs
 from helpers._core import daemon, names, owners, procfs, wait
@@ -74,7 +76,7 @@ _kvm_verdict = {}      # "kvm" -> None (KVM boots Linux) or why not; tried once 
 
 
 class MissingKernel(MissingTool):
-    def __init__(self, path):
+    def __init__(self, path: str | PathLike[str]) -> None:
         LabError.__init__(self, f"{path} is missing (Debian's cloud kernel, for the VM labs)",
                           fix="run `make test` as root: its set-up extracts it (it is never "
                               "installed as this machine's kernel)")
@@ -83,7 +85,7 @@ class MissingKernel(MissingTool):
 class BootFailed(LabError):
     """QEMU exited before the guest's init ran (a kernel panic, or QEMU refused to start)."""
 
-    def __init__(self, status, why):
+    def __init__(self, status: int | None, why: str) -> None:
         self.status, self.why = status, why
         super().__init__(f"QEMU exited (status {status}) before the guest's init: {why}",
                          fix="read the VM's console (guest.console) and QEMU's messages")
@@ -113,7 +115,7 @@ def _mebibytes(memory):
     return mib
 
 
-def kernel_version(path=KERNEL):
+def kernel_version(path: str | PathLike[str] = KERNEL) -> str:
     """The version string a bzImage carries in its header (where ``file`` reads it too)."""
     with open(path, "rb") as f:
         f.seek(0x20E)
@@ -173,7 +175,8 @@ class VM:
     ``/run/cnlab/vm/<id>``: ``sweep()`` finds both after a crash.
     """
 
-    def __init__(self, *, memory="256M", accel="auto", append="", share=None, timeout=60.0):
+    def __init__(self, *, memory: int | str = "256M", accel: str = "auto", append: str = "",
+                 share: str | PathLike[str] | None = None, timeout: float = 60.0) -> None:
         self.mib = _mebibytes(memory)
         if accel not in ("auto", "kvm", "tcg"):
             raise BadInput(f"accel={accel!r} is not an accelerator", fix='use "auto", "kvm" or "tcg"')
@@ -185,14 +188,21 @@ class VM:
             raise BadInput(f"timeout={timeout!r} is not a positive number of seconds")
         self.wanted, self.append, self.timeout = accel, append, float(timeout)
         self.share = Path(share).resolve() if share is not None else None
-        self.accel = self.fallback_reason = self.name = self.dir = self.argv = None
-        self.init_seconds = self.guest_init_seconds = None
+        # known once started: the accelerator used ("kvm" or "tcg"), why not KVM, QEMU's name, folder
+        # and argv, and the seconds to the guest's init (from starting QEMU, and as the guest saw it)
+        self.accel: str | None = None
+        self.fallback_reason: str | None = None
+        self.name: str | None = None
+        self.dir: Path | None = None
+        self.argv: list[str] | None = None
+        self.init_seconds: float | None = None
+        self.guest_init_seconds: float | None = None
         self.console = collections.deque(maxlen=500)   # the kernel console's last lines
         self._proc = self._virtiofsd = self._serial = self._console = self._reader = None
         self._status = self._rusage = None
 
     # -- life cycle ---------------------------------------------------------------------
-    def start(self):
+    def start(self) -> Self:
         """Boot the guest until its init answers; on any failure nothing is left behind."""
         if not KERNEL.is_file():
             raise MissingKernel(KERNEL)
@@ -207,16 +217,17 @@ class VM:
         self.fallback_reason = _boot(self._launch, self.wanted, self.timeout)
         return self
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, kind, value, traceback):
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: object) -> None:
         if kind is None:
             self.close()
         else:
             self.kill()
 
-    def close(self):
+    def close(self) -> None:
         """Ask init to power off, wait for QEMU to exit (kill it after 10 s), remove its files."""
         try:
             if self._serial is not None and self._poll() is None:
@@ -227,7 +238,7 @@ class VM:
         finally:
             self.kill()
 
-    def kill(self):
+    def kill(self) -> None:
         """Stop QEMU (and virtiofsd) now and remove the VM's folder; safe to call twice."""
         if self._proc is not None:
             if self._poll() is None:
@@ -265,16 +276,16 @@ class VM:
         return False
 
     @property
-    def pid(self):
+    def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     @property
-    def returncode(self):
+    def returncode(self) -> int | None:
         """QEMU's exit status once it has exited (0 after a clean power-off), else None."""
         return self._poll() if self._proc is not None else None
 
     @property
-    def peak_memory(self):
+    def peak_memory(self) -> int | None:
         """QEMU's peak resident memory in bytes, as the kernel tracks it (not sampled).
 
         While QEMU runs this is ``VmHWM`` from /proc/<pid>/status; once it has exited it is
@@ -424,7 +435,7 @@ class VM:
         return line.decode(errors="replace").strip("\r")
 
     # -- using it -----------------------------------------------------------------------
-    def run(self, command, *, timeout=60.0):
+    def run(self, command: str, *, timeout: float = 60.0) -> Result:
         """Run a shell command in the guest; its output (stdout and stderr) and exit status.
 
         Each command runs in a fresh ``sh`` (a ``cd`` does not carry over). If it does not
@@ -458,7 +469,7 @@ class VM:
                       self.init_seconds, self.peak_memory)
 
 
-def run(command, *, timeout=60.0, **options):
+def run(command: str, *, timeout: float = 60.0, **options: Any) -> Result:
     """Boot a VM, run one shell command, shut it down; the Result has QEMU's final peak memory."""
     with VM(**options) as guest:
         result = guest.run(command, timeout=timeout)
@@ -466,7 +477,7 @@ def run(command, *, timeout=60.0, **options):
 
 
 @owners.sweeper(owners.WORKLOADS)
-def sweep():
+def sweep() -> None:
     """Kill the QEMUs and virtiofsds a crash left (their arguments name /run/cnlab/vm/...) and
     remove their folders. Idempotent: nothing to do is success."""
     root = STATE / "vm"
