@@ -226,12 +226,18 @@ DISCOVERY = {
     "/version": {"major": "1", "minor": "33", "gitVersion": "v1.33.1"},
     "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
         "name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
-        "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]},
+        "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}, {
+        "name": "storage.k8s.io", "versions": [{"groupVersion": "storage.k8s.io/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "storage.k8s.io/v1", "version": "v1"}}]},
+    "/apis/storage.k8s.io/v1": {"kind": "APIResourceList", "groupVersion": "storage.k8s.io/v1", "resources": [
+        {"name": "storageclasses", "singularName": "storageclass", "namespaced": False, "kind": "StorageClass",
+         "verbs": ["get", "list"]}]},
     "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
         {"name": "configmaps", "singularName": "configmap", "namespaced": True, "kind": "ConfigMap", "verbs": ["get"]},
         {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace", "verbs": ["get"]},
         {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node", "verbs": ["get", "patch"]},
         {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod", "verbs": ["get", "list"]},
+        {"name": "services", "singularName": "service", "namespaced": True, "kind": "Service", "verbs": ["get"]},
         {"name": "pods/eviction", "singularName": "", "namespaced": True, "group": "policy", "version": "v1",
          "kind": "Eviction", "verbs": ["create"]}]},
     "/apis/apps/v1": {"kind": "APIResourceList", "groupVersion": "apps/v1", "resources": [
@@ -321,7 +327,7 @@ class Handler(BaseHTTPRequestHandler):
         self._handle("POST")
 
 
-COLLECTIONS = {"pods", "nodes", "configmaps"}
+COLLECTIONS = {"pods", "nodes", "configmaps", "storageclasses"}
 
 
 def merge(obj, patch):
@@ -685,6 +691,38 @@ def test_the_kubelets_cgroup_files_for_half_a_cpu_and_512mi():
     assert (got["cpus"], got["memory"], got["shares"]) == (0.5, 512 * 2**20, 512)
     unlimited = cluster.cgroup_limits("p\tcpu.max\tmax 100000\np\tmemory.max\tmax\n")
     assert unlimited["cpus"] is None and unlimited["memory"] is None
+
+
+def test_lab_cluster_on_cnlab_context_checks_images_first_and_says_what_the_cluster_lacks(
+        fake, tmp_path, monkeypatch, capsys):
+    server, _ = fake
+    from helpers import kind
+    monkeypatch.setattr(cluster, "RECORDS", tmp_path / "records")
+    from kubernetes.config import kube_config
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig"))  # $KUBECONFIG
+    monkeypatch.setenv("CNLAB_CONTEXT", "fake")
+    exits = []
+    monkeypatch.setattr(kind.atexit, "register", lambda fn, *args: exits.append((fn, args)))
+    server.objects["/api/v1/nodes/w1"] = cluster.plain(tainted("w1", images=[("docker.io/cnlab/busybox:latest",)]))
+    server.objects["/api/v1/namespaces/kube-system/configmaps/kube-proxy"] = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kube-proxy"}, "data": {"config.conf": "mode: nftables\n"}}
+    with pytest.raises(cluster.MissingImages, match="w1: cnlab/busybox:v1") as e:
+        kind.lab_cluster("pods", load=["cnlab/busybox:latest", "cnlab/busybox:v1"])
+    assert "docker save cnlab/busybox:v1 | sudo ctr -n k8s.io images import -" in e.value.fix
+    assert [r for r in server.requests if r[0] != "GET"] == [] and exits == []  # nothing was made
+    c = kind.lab_cluster("pods", workers=2, proxy_mode="iptables", storage=True, dns=True, load=["cnlab/busybox:latest"])
+    try:
+        assert c.context == "fake" and c.namespace == "cnlab-pods" and c.kind is None
+        assert server.objects["/api/v1/namespaces/cnlab-pods"]["metadata"]["labels"]["cnlab"] == "course"
+        assert c.facts_ == {"workers": ["w1"], "tainted": {}, "proxy_mode": "nftables", "storage_class": None,
+                            "dns": False}
+        assert len(c.lacks) == 4 and "kube-proxy runs in nftables mode, not iptables" in c.lacks
+        assert capsys.readouterr().out.count("note: fake: ") == 4
+        assert len(exits) == 1
+    finally:
+        assert c.tear_down() == ["Namespace cnlab-pods deleted"]
+    exits[0][0](*exits[0][1])   # at the kernel's exit: nothing left to do, and no error
+    assert "/api/v1/namespaces/cnlab-pods" not in server.objects
 
 
 # ------------------------------------------------------------------------------ a real cluster

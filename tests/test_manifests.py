@@ -77,6 +77,21 @@ def test_what_the_helpers_build_validates_too():
     echo["metadata"].update(namespace="cnlab-controller", uid="0f3a9a4e-0000-4000-8000-000000000000")
     validate(operator.echo_deployment(echo))
     validate({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cnlab-lab", "labels": {"cnlab": "course"}}})
+    validate(cluster.node_pod("cnlab-pods-worker", "cnlab-pods"))
+
+
+def test_the_articles_half_a_core_and_512m_is_a_guaranteed_pod():
+    for name in ("half", "hog"):
+        [pod] = cluster.load(f"42-pods/{name}.yaml")
+        [res] = [c["resources"] for c in pod["spec"]["containers"]]
+        assert res["requests"] == res["limits"] == {"cpu": "500m", "memory": "512Mi"}, name  # QoS Guaranteed
+
+
+def test_no_manifest_assumes_kind():
+    """On any cluster: no fixed nodePort to collide on, no kind-only StorageClass, no kind node names."""
+    for path, obj in DOCS:
+        text = json.dumps(obj)
+        assert '"nodePort"' not in text and '"storageClassName"' not in text and "-worker" not in text, path
 
 
 def test_workloads_use_the_course_images_and_never_pull():

@@ -1110,11 +1110,16 @@ class Cluster:
 
     def service_rules(self, node, service, mode):
         """kube-proxy's rules for ``namespace/name`` on ``node`` in its ``mode``, decoded; None if none."""
-        if mode == "nftables":
-            return nftables_service(self.node_exec(node, "nft", "list", "table", "ip", "kube-proxy").stdout, service)
-        if mode == "iptables":
-            return iptables_service(self.node_exec(node, "iptables-save", "-t", "nat").stdout, service)
-        raise BadInput(f"no rules decoder for kube-proxy mode {mode!r}", fix="iptables or nftables")
+        commands = {"nftables": (nftables_service, ("nft", "list", "table", "ip", "kube-proxy")),
+                    "iptables": (iptables_service, ("iptables-save", "-t", "nat"))}
+        if mode not in commands:
+            raise BadInput(f"no rules decoder for kube-proxy mode {mode!r}", fix="iptables or nftables")
+        decode, command = commands[mode]
+        out = self.node_exec(node, *command)
+        if out.returncode:
+            raise LabError(f"`{' '.join(command)}` failed on node {node}: {(out.stderr or out.stdout).strip()[:200]}",
+                           fix=f"the node needs the {command[0]} program (kube-proxy brings its own, in its container)")
+        return decode(out.stdout, service)
 
     def wait_rules(self, node, service, mode, endpoints, *, timeout=60):
         """Wait until kube-proxy on ``node`` has written all ``endpoints`` of the Service (it syncs

@@ -247,15 +247,15 @@ def create(name, *, workers=1, proxy_mode="iptables", reuse=False, image=NODE_IM
     return found
 
 
-def lab_cluster(lab, *, workers=1, proxy_mode="iptables", load=(), storage=False, dns=False):
+def lab_cluster(lab, *, workers=1, proxy_mode=None, load=(), storage=False, dns=False):
     """The cluster a lab runs on, working in a fresh namespace ``cnlab-<lab>``, with images ``load`` on its nodes.
 
     By default the kind cluster ``cnlab-<lab>`` (made, or reused after an interrupted run), with
     the images built here and loaded into its nodes. With ``CNLAB_CONTEXT=<context>``, that
     context of your kubeconfig: its nodes must have the images already (a MissingImages error
     says how to import them), and what the lab asks for that the cluster lacks (``workers``
-    nodes for ordinary Pods, ``proxy_mode``, a default StorageClass with ``storage``, cluster DNS
-    with ``dns``) is printed and kept in ``c.lacks``, for the lab's cells to adapt to.
+    nodes for ordinary Pods, ``proxy_mode`` if one is named, a default StorageClass with
+    ``storage``, cluster DNS with ``dns``) is printed and kept in ``c.lacks``, for the lab's cells to adapt to.
 
     What an earlier, interrupted run of the lab left in the namespace is deleted first; the
     lab's ``tear_down`` (in its last cell's ``finally``, and at the kernel's exit) gives the
@@ -265,20 +265,20 @@ def lab_cluster(lab, *, workers=1, proxy_mode="iptables", load=(), storage=False
     namespace = f"{PREFIX}-{lab}"
     if context:
         c = cluster.connect(context, namespace=namespace)
-        c.check_images(list(load))
-        c.facts_ = c.facts()
-        c.lacks = cluster.lacking(c.facts_, workers=workers, proxy_mode=proxy_mode, storage=storage, dns=dns)
-        for line in c.lacks:
-            print(f"note: {context}: {line}")
+        c.check_images(list(load))              # before anything is made
     else:
-        c = create(lab, workers=workers, proxy_mode=proxy_mode, reuse=True, namespace=namespace)
+        c = create(lab, workers=workers, proxy_mode=proxy_mode or "iptables", reuse=True, namespace=namespace)
         if load:
             c.load_image(*[_build(ref) for ref in load])
-        c.facts_, c.lacks = c.facts(), []
     cluster.sweep(namespace)                   # what a crashed run left
     c.delete("Namespace", namespace, timeout=300)
     c.ensure_namespace()
     atexit.register(_quietly, c.tear_down)     # the kernel's normal exit gives the cluster back too
+    c.facts_ = c.facts()                       # (kube-proxy's mode may need the node view: after the namespace)
+    c.lacks = cluster.lacking(c.facts_, workers=workers, proxy_mode=proxy_mode, storage=storage, dns=dns) \
+        if context else []
+    for line in c.lacks:
+        print(f"note: {context}: {line}")
     return c
 
 
