@@ -344,7 +344,8 @@ def merge(obj, patch):
 
 
 @pytest.fixture
-def fake(tmp_path):
+def fake(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster, "RECORDS", tmp_path / "records")  # never the machine's own
     server = FakeApi()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     config = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
