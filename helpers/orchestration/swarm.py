@@ -193,6 +193,7 @@ class Service:
     def __init__(self, swarm: Swarm, service: "docker.models.services.Service") -> None:
         self._swarm, self._service = swarm, service
         self.id, self.name = service.id, service.name
+        self.fewest_running: int | None = None    # during the last rolling update or rollback
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -276,12 +277,18 @@ class Service:
             raise SwarmError(f"Swarm refused the update of {self.name}: {e.explanation}") from e
 
     def _follow(self, final):
-        """Watch a rolling update until ``final``; return the count of tasks on the new image over time."""
+        """Watch a rolling update until ``final``; return the count of tasks on the new image over
+        time. ``fewest_running`` keeps the fewest tasks seen running meanwhile (what the update
+        policy promises to keep up)."""
         target = self.image
         steps = [0]
+        fewest = len(self.running())
 
         def done():
-            new = sum(1 for t in self.running() if t.image == target)
+            nonlocal fewest
+            running = self.running()
+            fewest = min(fewest, len(running))
+            new = sum(1 for t in running if t.image == target)
             if new != steps[-1]:
                 steps.append(new)
             state = self.update_state
@@ -292,6 +299,7 @@ class Service:
 
         _wait(done, self._swarm.timeout, f"{self.name} update to {target}",
               lambda: "Tasks: " + "; ".join(map(str, self.tasks())))
+        self.fewest_running = fewest
         return steps
 
     def kill(self, *, slot: int) -> Task:
