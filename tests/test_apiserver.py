@@ -173,7 +173,7 @@ def test_a_server_leaves_nothing_behind_and_sweep_cleans_up_after_a_crash():
     crashed = apiserver.Server("crashed").start()      # then "the notebook's kernel died"
     try:
         apiserver.sweep()
-        assert crashed._process.wait(10) == -9 and not crashed.dir.exists()
+        assert crashed._daemon.process.wait(10) == -9 and not crashed.dir.exists()
         apiserver.sweep()                              # idempotent: nothing left is success
     finally:
         crashed.etcd.remove()                          # etcd's own sweep() is helpers.etcd's

@@ -71,12 +71,6 @@ def report(pids, paths):
 """
 
 
-# Strict: once etcd.py and apiserver.py start their servers through Daemon, these pass, and the
-# XPASS fails the run until this mark is removed.
-UNCONVERTED = pytest.mark.xfail(strict=True, reason="etcd.Server and apiserver.Server do not run "
-                                "through helpers._core.daemon.Daemon yet: no death signal, no mark")
-
-
 def _owned_by(owner: int) -> list[procfs.Process]:
     """The processes whose environment carries the mark of ``owner``."""
     mark = f"{procfs.MARK}={owner}"
@@ -107,8 +101,8 @@ def _survivors(child: int, pids: set[int]) -> list[str]:
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param("etcd", marks=[pytest.mark.requires("etcd"), UNCONVERTED]),
-    pytest.param("apiserver", marks=[pytest.mark.requires("apiserver"), UNCONVERTED]),
+    pytest.param("etcd", marks=[pytest.mark.requires("etcd")]),
+    pytest.param("apiserver", marks=[pytest.mark.requires("apiserver")]),
     pytest.param("containerd", marks=pytest.mark.requires("containerd")),
     pytest.param("dockerd", marks=pytest.mark.requires("root", "docker")),
     pytest.param("qemu", marks=pytest.mark.requires("qemu")),

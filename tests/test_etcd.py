@@ -5,7 +5,7 @@ import time
 import pytest
 
 import helpers
-from helpers import etcd, resources
+from helpers import etcd
 from helpers.errors import BadInput, MissingTool
 
 
@@ -215,6 +215,6 @@ def test_keep_and_sweep():
     assert server.client().get("/k").value == b"v"
     assert any(server.name in item for item in helpers.leftovers())
     etcd.sweep()
-    server._process.wait(10)
+    server.kill()                   # reaps what the sweep killed
     assert not server.running and not server.dir.exists()
     assert not any(server.name in item for item in helpers.leftovers())

