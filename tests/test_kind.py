@@ -162,8 +162,6 @@ def test_the_leak_check_ignores_a_kind_clusters_own_processes(monkeypatch):
         *real(match), *([fake] if match(fake) else [])])
     monkeypatch.setattr(procfs, "marked", lambda pid, _real=procfs.marked: False if pid == fake.pid else _real(pid))
     leaked = helpers.leftovers()
-    if any(item.startswith("process 999999 ") for item in leaked) and hasattr(procfs, "_named"):
-        pytest.xfail("procfs.ours() still applies the legacy rule _named ('cnlab' in the command line)")
     assert not any(item.startswith("process 999999 ") for item in leaked)
 
 

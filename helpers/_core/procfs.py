@@ -97,18 +97,12 @@ def marked_env(env: dict | None = None) -> dict:
 
 def ours() -> list[Process]:
     """The course's processes still alive, apart from this one and its ancestors."""
-    skip, pid = set(), os.getpid()
-    while pid > 1 and pid not in skip:     # self, parent, ..., so a run never counts itself
+    skip: set[int] = set()
+    pid: int | None = os.getpid()
+    while pid and pid > 1 and pid not in skip:     # self, parent, ...: a run never counts itself
         skip.add(pid)
-        stat = _read(f"/proc/{pid}/stat") or b") ? 1"
-        pid = int(stat.rsplit(b")", 1)[1].split()[1])
-    return [p for p in processes(lambda p: p.pid not in skip) if marked(p.pid) or _named(p)]
-
-
-def _named(p: Process) -> bool:
-    # Until every spawner marks its children: the old rule, "cnlab" on the command line.
-    line = " ".join(p.argv)
-    return PREFIX in line and "pytest" not in line
+        pid = parent(pid)
+    return [p for p in processes(lambda p: p.pid not in skip) if marked(p.pid)]
 
 
 def kill(pids, *, timeout: float = 5.0) -> None:
