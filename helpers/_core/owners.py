@@ -9,6 +9,7 @@ Sweeps run by ``stage``: what runs inside something else goes first.
 """
 import functools
 import importlib
+import os
 import pkgutil
 import shutil
 from pathlib import Path
@@ -90,8 +91,9 @@ def _mounts():
 
 
 def _cgroups():
-    root = Path("/sys/fs/cgroup")
-    found = [str(p) for p in root.rglob(f"*{PREFIX}*") if p.is_dir()] if root.is_dir() else []
+    # os.walk, not rglob: a group removed while it is read is skipped, not an error
+    found = [os.path.join(top, d) for top, dirs, _ in os.walk("/sys/fs/cgroup") for d in dirs
+             if PREFIX in d]
     return sorted(found, key=len, reverse=True)
 
 
