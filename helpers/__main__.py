@@ -42,6 +42,9 @@ def main(argv=None):
             for problem in labs.problems(l.path):
                 print(f"{l.path.name}: {problem}")
                 status = 1
+        for problem in labs.module_problems():
+            print(problem)
+            status = 1
     if args.execute:
         for l in chosen:
             why = doctor.unmet(l.requires)

@@ -98,3 +98,14 @@ def test_a_lax_notebook_compares_no_output_but_runs_every_check(pytester, mode, 
     nbformat.write(nb, pytester.path / "lab.ipynb")
     result = pytester.runpytest_subprocess("--nbval", "--nbval-current-env", "-p", "no:cacheprovider")
     result.assert_outcomes(**outcome)
+
+
+def test_every_module_names_the_labs_that_use_it_and_the_names_exist(tmp_path):
+    assert labs.module_problems() == []
+    part = tmp_path / "helpers" / "virt"
+    part.mkdir(parents=True)
+    (part / "kvm.py").write_text('"""KVM.\n\nUsed in: 11-hypervisor, 99-nowhere, book/virtualization/index.\n"""\n')
+    (part / "vm.py").write_text('"""A VM, naming no lab."""\n')
+    assert labs.module_problems(tmp_path / "helpers") == [
+        "helpers/virt/kvm.py: 'Used in' names '99-nowhere', which does not exist",
+        "helpers/virt/vm.py: its docstring has no 'Used in: <labs and chapters>.' line"]

@@ -11,6 +11,8 @@ called ``cnlab-<name>``; its limits go wherever their controller lives::
         group.stats().oom_kills
 
 A forked child joins with ``group.add()`` (it writes "0": "the process writing this").
+
+Used in: 22-cgroups, 24-container-from-scratch, book/containers/container-from-scratch, book/containers/namespaces-cgroups.
 """
 import contextlib
 import errno

@@ -12,6 +12,8 @@ Its images are built here, never pulled: a busybox image and the pod sandbox ("p
 written by helpers.oci and imported with ``ctr images import`` into the ``k8s.io`` namespace,
 the one the CRI plugin serves. Leaving the block removes every pod, stops the daemon and its
 shims, and removes its folder; ``sweep()`` does the same after a crash.
+
+Used in: 27-containerd-cri, 35-api-controller, book/containers/oci-docker-cri, book/orchestration/kubernetes-api.
 """
 import contextlib
 import json

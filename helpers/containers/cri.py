@@ -13,6 +13,8 @@ the ``container-runtime-interface-api`` package (``cri_api.v1``)::
 
 Errors are typed: NotFound names the missing pod, container or image; RuntimeUnavailable
 says that nothing answers on the socket; a deadline is a LabTimeout.
+
+Used in: 27-containerd-cri, 35-api-controller, book/containers/oci-docker-cri, book/orchestration/kubernetes-api.
 """
 import contextlib
 import json

@@ -9,6 +9,8 @@ Swarm, the controller, kind) says the same thing when no engine answers::
 
 Everything the course makes in an engine carries the ``cnlab`` label; ``leftovers()`` lists it
 and ``sweep()`` removes it (images are kept: a cache).
+
+Used in: no lab directly.
 """
 import contextlib
 import os

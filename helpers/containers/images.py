@@ -10,6 +10,8 @@ busybox binary ``FROM scratch`` (the smallest honest image there is)::
 
 Errors are typed: EngineUnavailable (say how to start dockerd), ImageMissing (say how to
 build it), BadInput for a malformed limit (before Docker is called), LabTimeout.
+
+Used in: 13-vms-vs-containers, 26-docker, 31-swarm, 33-controller, book/containers/oci-docker-cri, book/orchestration/orchestration, book/virtualization/vms-vs-containers.
 """
 import contextlib
 import io

@@ -10,6 +10,8 @@ work happens in a forked child that reports back over a pipe. The pieces compose
 
 and a caller that forks for itself (helpers.sandbox) can use ``flags()``, ``Namespace.enter``
 and ``write_id_maps`` directly.
+
+Used in: 21-namespaces, 22-cgroups, 23-filesystems, 24-container-from-scratch, 26-docker, book/containers/container-from-scratch, book/containers/images-filesystems, book/containers/namespaces-cgroups, book/containers/oci-docker-cri.
 """
 import contextlib
 import ctypes

@@ -15,6 +15,8 @@ documents that point at each other by digest::
 
 Layers are reproducible (entries sorted, owner 0, a fixed mtime, gzip without a timestamp),
 so the same content always has the same digest. ``helpers.runc`` turns an image into a bundle.
+
+Used in: 23-filesystems, 25-oci-runc, book/containers/images-filesystems, book/containers/oci-docker-cri.
 """
 import gzip
 import hashlib

@@ -12,6 +12,8 @@ A container never writes into it. An *overlay* puts a per-container writable lay
 
 and image layers (helpers.oci's tarballs, named by their sha256) unpack into one directory
 each, stacked in order as the overlay's lower layers: ``rootfs.layer_dirs(layers)``.
+
+Used in: 23-filesystems, 24-container-from-scratch, book/containers/container-from-scratch, book/containers/images-filesystems.
 """
 import contextlib
 import errno

@@ -13,6 +13,8 @@ of the runtime spec's lifecycle is visible::
 
 runc keeps its state under ``--root`` (here /run/cnlab/runc), so these containers never mix
 with Docker's (/run/docker/runtime-runc) or containerd's (/run/containerd/runc).
+
+Used in: 25-oci-runc, book/containers/oci-docker-cri.
 """
 import contextlib
 import json

@@ -19,6 +19,8 @@ other cluster those calls print what they would show and how to see it on kind, 
 A Cluster gives back what it changed: ``tear_down()`` (also run by ``with``, and registered so
 that ``helpers.cleanup()`` or the next run does it after a crash) removes its labels and
 cordons and deletes the namespaces and CRDs it applied.
+
+Used in: 34-kubernetes-api, 35-api-controller, 41-kind-cluster, 42-pods, 43-workloads, 44-k8s-controller, 45-services, 46-declarative, book/orchestration/kubernetes, book/orchestration/kubernetes-api.
 """
 import contextlib
 import copy

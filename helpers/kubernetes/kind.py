@@ -15,6 +15,8 @@ cluster, is ``helpers.cluster``; ``KindCluster`` is a ``cluster.Cluster`` that a
 
 Each cluster gets its own kubeconfig file under ``STATE/kind``: creating one never changes
 your ``~/.kube/config`` or its current context.
+
+Used in: 41-kind-cluster, 42-pods, 43-workloads, 44-k8s-controller, 45-services, 46-declarative, book/orchestration/kubernetes.
 """
 import atexit
 import contextlib

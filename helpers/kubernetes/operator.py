@@ -5,6 +5,8 @@ level-triggered, a relist of every watched kind every ``resync`` seconds, one wa
 only wakes it early, each key reconciled once however often it was queued. The Echo functions
 are the example: an Echo custom resource (manifests/44-controller) owns a Deployment that says
 its message.
+
+Used in: 44-k8s-controller, book/orchestration/kubernetes.
 """
 from helpers._core import loop
 from helpers.errors import LabError

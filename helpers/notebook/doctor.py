@@ -3,6 +3,8 @@
 ``python -m helpers doctor`` prints the table and which labs can run here; ``--json`` prints
 one key per capability, each ``{"ok": bool, "detail": str}`` (plus extra keys where useful).
 A capability that is missing says why, and what to do about it.
+
+Used in: 00-environment.
 """
 import contextlib
 import functools

@@ -3,13 +3,17 @@
 A notebook declares its needs in its metadata, ``{"cnlab": {"requires": ["root", "docker"]}}``;
 the names are those of ``doctor.REQUIREMENTS``. Tests, ``make book EXECUTE=1`` and the doctor
 all read them from here.
+
+Used in: 00-environment.
 """
+import ast
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.notebook import doctor
-from helpers._core.names import LABS
+from helpers._core.names import LABS, ROOT
 
 # A cell whose output is not compared carries one of these nbval markers on its own line,
 # and the line after it says why: "# why: ...".
@@ -61,6 +65,31 @@ def problems(path):
             or "# NBVAL_RAISES_EXCEPTION" in lines
         if not expected and any(o.get("output_type") == "error" for o in cell.get("outputs", ())):
             found.append(f"code cell {i}: an error output in a cell not tagged raises-exception")
+    return found
+
+
+_USED_IN = re.compile(r"^Used in: (?P<labs>.+?)\.$", re.MULTILINE)
+
+
+def module_problems(package=ROOT / "helpers"):
+    """Each module of a book part names, in its docstring, the labs and chapters that use it
+    (``Used in: 21-namespaces, book/containers/namespaces-cgroups.``): names that must exist."""
+    found = []
+    paths = [*Path(package).glob("*/*.py"), *Path(package).glob("*/*/__init__.py")]
+    for path in sorted(paths):
+        if path.relative_to(package).parts[0].startswith("_") or \
+                (path.name.startswith("_") and path.parent.parent == Path(package)):
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        match = _USED_IN.search(doc)
+        rel = path.relative_to(Path(package).parent)
+        if match is None:
+            found.append(f"{rel}: its docstring has no 'Used in: <labs and chapters>.' line")
+            continue
+        for name in (n.strip() for n in match["labs"].split(",")):
+            target = (ROOT / f"{name}.md") if name.startswith("book/") else (LABS / f"{name}.ipynb")
+            if name != "no lab directly" and not target.exists():
+                found.append(f"{rel}: 'Used in' names {name!r}, which does not exist")
     return found
 
 

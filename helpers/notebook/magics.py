@@ -6,6 +6,8 @@
 runs the cell as a shell script (``sh -c``) in a fresh container from helpers.sandbox and
 prints what it printed; a line in brackets says how it ended when that was not exit status 0.
 The options are those of ``python -m helpers sandbox run``: one parser, two front ends.
+
+Used in: 24-container-from-scratch, book/containers/container-from-scratch.
 """
 import argparse
 import shlex

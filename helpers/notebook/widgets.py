@@ -8,6 +8,8 @@
 The bars are read from the container's cgroup (``Sandbox.stats()``) by a thread, every
 ``every`` seconds, until the container has ended. The widget starts from fixed values, so its
 plain-text form (what a notebook without widget support shows) is the same on every run.
+
+Used in: 24-container-from-scratch, book/containers/container-from-scratch.
 """
 import os
 import threading

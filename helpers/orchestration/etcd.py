@@ -18,6 +18,8 @@ standard library, rather than taken from PyPI, because:
 - ``etcd3gw`` (OpenStack, maintained) speaks this same gateway, but (as of 2.7.0) its watch
   cannot be waited on with a timeout, and it drops the server's "compacted" answer and a lost
   connection silently: the iterator just blocks. Those are what a lab about watches must show.
+
+Used in: 32-etcd, 33-controller, book/orchestration/orchestration.
 """
 import base64
 import contextlib

@@ -12,6 +12,8 @@ Each task shows both sides: its desired state (what the manager wants) and its c
 
 Leaving the ``with`` block removes the services, waits until their containers are gone and
 leaves the swarm, also when a cell fails. A swarm this course did not create is never touched.
+
+Used in: 31-swarm, book/orchestration/orchestration.
 """
 import contextlib
 import re

@@ -15,6 +15,8 @@ a kubelet in one, for one machine), not something to run workloads on.
 - Status is written back through the ``status`` subresource: what it saw, for the generation
   of the spec it saw (``observedGeneration``), and a ``Ready`` condition.
 - A finalizer holds a Website's deletion until its pods are gone.
+
+Used in: 34-kubernetes-api, 35-api-controller, book/orchestration/kubernetes-api.
 """
 import contextlib
 import hashlib

@@ -8,6 +8,8 @@ Lab 13 (chapter "VMs vs containers") and ``bench/vm_vs_container.py`` time a QEM
 
 It sits apart from ``vm`` because it drives all three: a VM module that imported Docker and
 the sandbox would tie the virtualization layer to the containers one.
+
+Used in: 13-vms-vs-containers, book/virtualization/vms-vs-containers.
 """
 import contextlib
 import dataclasses

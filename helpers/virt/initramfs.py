@@ -6,6 +6,8 @@ why a VM booted with it reaches its init in seconds even without hardware virtua
 
 The archive is written here (the ``newc`` format is a 110-byte ASCII header per file), not by
 ``cpio``, so that it is byte-for-byte reproducible and cached by what went into it.
+
+Used in: no lab directly.
 """
 import gzip
 import hashlib

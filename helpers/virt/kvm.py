@@ -14,6 +14,8 @@ the whole of "trap and emulate"::
 Guests are GNU assembly in ``helpers/guests``, assembled with binutils on first use and
 cached. No in-kernel interrupt controller is created, so ``hlt`` exits to us. Every fd and
 mapping is owned by a context manager; nothing named is created on the machine.
+
+Used in: 11-hypervisor, 12-paravirtualization, book/virtualization/full-virtualization, book/virtualization/paravirtualization.
 """
 import collections
 import ctypes

@@ -12,6 +12,8 @@ The job: a guest has 4 KiB in its memory and writes them to a device.
 
 Then the other direction: is *this* machine a guest, and what paravirtual features does
 its hypervisor offer? (CPUID, the clocksource, virtio devices.)
+
+Used in: 12-paravirtualization, book/virtualization/paravirtualization.
 """
 import collections
 import ctypes

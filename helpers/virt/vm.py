@@ -13,6 +13,8 @@ guest with virtiofs (Debian's cloud kernel has no 9p at all, but has virtiofs as
     with vm.VM() as guest:
         print(guest.accel, guest.fallback_reason)
         print(guest.run("uname -r").output)
+
+Used in: 13-vms-vs-containers, book/virtualization/vms-vs-containers.
 """
 import base64
 import collections

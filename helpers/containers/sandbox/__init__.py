@@ -25,6 +25,8 @@ Nothing is mounted on the host: all mounts live in the container's mount namespa
 with it. Bad input raises BadInput (CommandNotFound for a command that is not in the rootfs)
 before anything is created; a start that fails raises StartError and leaves nothing behind.
 ``python -m helpers sandbox run`` (``cli``) and ``%%sandbox`` take the same options.
+
+Used in: 23-filesystems, 24-container-from-scratch, book/containers/container-from-scratch, book/containers/images-filesystems.
 """
 import shutil
 
