@@ -30,6 +30,8 @@ REQUIREMENTS = {
     "kind": ("docker", "kind", "kubectl", "kind-preflight"),   # or a cluster CNLAB_CONTEXT names: see OR_ELSE
     "cluster": ("cluster",),
     "apiserver": ("etcd", "apiserver"),
+    "browser": ("chromium",),
+    "cjk-font": ("cjk-font",),
 }
 
 # A requirement met by other capabilities instead: the Kubernetes labs run on their own kind
@@ -152,6 +154,14 @@ def _api_version(context=None):
         return client.VersionApi(api).get_code(_request_timeout=5).git_version
 
 
+def _cjk_font():
+    """The book's Chinese terms need a font that has them, or the browser draws boxes."""
+    found = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True).stdout \
+        if shutil.which("fc-list") else ""
+    return Check(bool(found.strip()), found.splitlines()[0] if found.strip() else
+                 f"no font with Chinese glyphs: {_apt('fonts-noto-cjk')}")
+
+
 def _cluster():
     context = os.environ.get("CNLAB_CONTEXT")
     try:
@@ -197,6 +207,8 @@ def probe():
                          version_args=("version", "--client")),
         "cluster": _cluster(),
         "apiserver": _apiserver(),
+        "chromium": _tool("chromium", _apt("chromium")),
+        "cjk-font": _cjk_font(),
     }
     report["context"] = _context(report["cluster"])
     return report
