@@ -109,3 +109,24 @@ def test_every_module_names_the_labs_that_use_it_and_the_names_exist(tmp_path):
     assert labs.module_problems(tmp_path / "helpers") == [
         "helpers/virt/kvm.py: 'Used in' names '99-nowhere', which does not exist",
         "helpers/virt/vm.py: its docstring has no 'Used in: <labs and chapters>.' line"]
+
+
+@pytest.mark.requires("root")
+def test_a_leak_a_fixture_sweeps_up_still_fails_its_test(pytester, monkeypatch):
+    monkeypatch.setenv("CNLAB_SWEEP_LEAKS", "1")
+    pytester.makeconftest(open(labs.LABS.parent / "tests" / "conftest.py").read())
+    pytester.makepyfile(test_swept=textwrap.dedent("""
+        import pytest
+        from helpers import ns
+        @pytest.fixture
+        def tidy():
+            yield
+            ns.sweep()                       # the safety net that used to hide the leak
+        @pytest.mark.requires("root")
+        def test_forgets_a_netns(tidy):
+            ns.NetNS("sweptup-%d")
+    """ % os.getpid()))
+    result = pytester.runpytest_subprocess("-p", "no:nbval", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["left behind, and swept by a fixture: *"
+                                 f"helpers.containers.ns.sweep() removed netns cnlab-sweptup-{os.getpid()}*"])
