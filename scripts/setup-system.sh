@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System set-up for the labs: Debian packages, a running Docker engine, and Debian's cloud
-# kernel for the QEMU labs. Idempotent and quick when everything is there already.
+# System set-up for the labs: Debian packages (with a browser and CJK fonts for the book's tests),
+# a running Docker engine, and Debian's cloud kernel for the QEMU labs. Idempotent and quick when
+# everything is there already.
 # Not root: says what is missing and which labs that disables, and exits 0 so the rest goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,12 +9,18 @@ home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}   # HOME may be unset un
 CACHE=${CNLAB_CACHE:-${XDG_CACHE_HOME:-$home/.cache}/cnlab}   # as helpers/resources.py
 
 PACKAGES=(docker.io busybox-static binutils qemu-system-x86 etcd-server etcd-client cpio graphviz iproute2
-          containernetworking-plugins kmod)
+          containernetworking-plugins kmod fonts-noto-cjk)   # CJK: the glossary's Chinese terms
 
 say() { printf 'setup: %s\n' "$*"; }
 
+# A fresh machine may have no package lists yet: the probes below need them.
+if [ "$(id -u)" -eq 0 ] && ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+  apt-get update -qq
+fi
 # virtiofsd has its own package from Debian 13 on (before, it ships in qemu-system-common).
 apt-cache show virtiofsd >/dev/null 2>&1 && PACKAGES+=(virtiofsd)
+# Debian's chromium, for the browser tests of the book and of JupyterLab (Ubuntu has only a snap).
+apt-cache show chromium >/dev/null 2>&1 && PACKAGES+=(chromium)
 # An engine that already answers (Docker Desktop, a CI runner's docker-ce) is kept as it is.
 docker info >/dev/null 2>&1 && PACKAGES=("${PACKAGES[@]/docker.io}")
 

@@ -10,6 +10,7 @@ import html.parser
 import http.server
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"   # Debian's
 SCREENSHOTS = ROOT / "_build" / "screenshots"
 
 pytestmark = pytest.mark.requires("browser")
