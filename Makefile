@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXECUTE ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: setup system apiserver book test lab bench doctor clean
+.PHONY: setup system apiserver book test lab lock bench doctor clean
 
 setup: system $(STAMP) apiserver
 
@@ -18,11 +18,22 @@ system:
 apiserver: $(STAMP)
 	@$(PY) -m helpers apiserver build
 
-$(STAMP): requirements.txt pyproject.toml
-	@echo "setup: Python packages into $(VENV)"
+# Every Python package at the version and with the hashes of requirements.lock, then helpers
+# editable (built by the locked setuptools, so nothing outside the lock is fetched).
+$(STAMP): requirements.lock pyproject.toml
+	@echo "setup: Python packages into $(VENV) from requirements.lock"
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -e .
+	@$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
+
+# After editing requirements.txt: the whole dependency set again, pinned with hashes, from PyPI
+# only (this machine's pip configuration may add local indexes, which the lock must not name).
+# Versions already in the lock are kept where requirements.txt allows them.
+lock: $(STAMP)
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make lock" \
+	  $(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links -o requirements.lock requirements.txt pyproject.toml
 
 book: setup
 ifeq ($(EXECUTE),1)
@@ -35,7 +46,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lab: setup
-	$(VENV)/bin/jupyter lab labs $(if $(filter 0,$(shell id -u)),--allow-root) --ip 127.0.0.1
+	@bash scripts/lab.sh
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,8 +1,12 @@
 """The set-up, the CI workflow and the book's configuration fit together."""
+import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import yaml
+
+from test_book import toc_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,8 +16,11 @@ def test_setup_script_is_valid_bash():
 
 
 def test_ci_runs_make_test_and_nothing_else():
-    lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith("#")]
-    assert lines[-1] == "exec make test"
+    """The whole script, not its last line: a command slipped in before `make test` would make CI
+    differ from what a maintainer runs."""
+    lines = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()
+             if l.strip() and not l.lstrip().startswith("#")]
+    assert lines == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', "exec make test"]
 
 
 def test_hosted_workflow_creates_a_kind_cluster_then_builds_and_tests():
@@ -29,16 +36,57 @@ def test_hosted_workflow_creates_a_kind_cluster_then_builds_and_tests():
 
 
 def test_every_toc_entry_exists_and_every_lab_is_in_the_book():
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(entries):
-        for entry in entries:
-            files.append(entry["file"])
-            walk(entry.get("sections", []))
-    for part in toc["parts"]:
-        walk(part["chapters"])
+    files = toc_files()
     for f in files:
         assert any((ROOT / f).with_suffix(s).exists() for s in (".md", ".ipynb")), f
     for lab in sorted((ROOT / "labs").glob("*.ipynb")):
         assert f"labs/{lab.stem}" in files, f"{lab.name} is not in _toc.yml"
+
+
+def _name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[=<>!~;\[ ]", requirement, maxsplit=1)[0]).lower()
+
+
+def _lock():
+    """requirements.lock as {name: (version, hashes, what it is there for)}."""
+    entries, current = {}, None
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if m := re.match(r"^([A-Za-z0-9][\w.-]*)==(\S+)", line):
+            current = entries[_name(m[1])] = (m[2], [], [])
+        elif current and (h := re.search(r"--hash=(sha256:[0-9a-f]{64})", line)):
+            current[1].append(h[1])
+        elif current and (via := re.match(r"^\s+#\s+(?:via\s+)?(\S.*)$", line)) and via[1] != "via":
+            current[2].append(via[1].strip())
+    return entries
+
+
+def test_the_lock_pins_exactly_what_requirements_txt_asks_for():
+    """`make lock` makes requirements.lock from requirements.txt (and the package's own
+    dependencies): a pin edited in one and not the other, or a package added or dropped, fails."""
+    wanted = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements.txt pins every package: {line}"
+            wanted[_name(name)] = version
+    lock = _lock()
+    for name, version in wanted.items():
+        assert name in lock, f"{name} is in requirements.txt, not in requirements.lock: run `make lock`"
+        assert lock[name][0] == version, (f"{name}: {version} in requirements.txt, {lock[name][0]} in "
+                                          "requirements.lock: run `make lock`")
+    direct = {name for name, (_, _, via) in lock.items() if "-r requirements.txt" in via}
+    assert direct == set(wanted), f"requirements.lock was made from another requirements.txt: {direct ^ set(wanted)}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dependency in project.get("dependencies", []):
+        assert _name(dependency) in lock, f"{dependency} (pyproject.toml) is not locked: run `make lock`"
+    unhashed = [name for name, (_, hashes, _) in lock.items() if not hashes]
+    assert not unhashed, f"locked without a hash: {unhashed}"
+    assert len(lock) > 2 * len(wanted)  # the whole set, not the direct dependencies only
+
+
+def test_make_installs_from_the_lock_and_sets_up_the_browser_tests():
+    make = (ROOT / "Makefile").read_text()
+    assert "--require-hashes -r requirements.lock" in make and "-r requirements.txt" not in make
+    setup = (ROOT / "scripts" / "setup-system.sh").read_text()
+    assert "fonts-noto-cjk" in setup and "PACKAGES+=(chromium)" in setup
