@@ -17,16 +17,15 @@ Used in: 31-swarm, book/orchestration/orchestration.
 """
 import contextlib
 import re
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from helpers._core import owners
+from helpers._core import owners, wait
 from helpers.containers import engine, images
 from helpers import errors
-from helpers.errors import BadInput, LabError, LabTimeout
+from helpers.errors import BadInput, LabError
 from helpers._core.names import LABEL, PREFIX
 
 if TYPE_CHECKING:
@@ -80,16 +79,9 @@ def is_ours(client: "docker.DockerClient") -> bool:
 
 
 def _wait(check, timeout, what, detail=lambda: ""):
-    """Poll ``check()`` until it returns something true; LabTimeout saying ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise LabTimeout(f"{what} did not happen within {timeout:g} s. {detail()}".strip(),
-                             fix="look at the tasks' errors; is the engine overloaded?")
-        time.sleep(0.2)
+    """``wait.until`` at Swarm's pace, with Swarm's advice when it times out."""
+    return wait.until(check, timeout, what, interval=0.2, detail=detail,
+                      fix="look at the tasks' errors; is the engine overloaded?")
 
 
 class Swarm:
