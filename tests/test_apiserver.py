@@ -9,14 +9,18 @@ import datetime
 import json
 import os
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from helpers import apiserver, cluster, websites
-from helpers.errors import BadInput
+from helpers import apiserver, cluster, etcd, websites
+from helpers._core import procfs
+from helpers.errors import BadInput, LabTimeout
+from helpers.orchestration.apiserver import builder, server as served
 
 # ---------------------------------------------------------------- pure logic
 
@@ -71,29 +75,29 @@ def test_resolve_names_a_missing_package():
 def test_the_cache_key_changes_with_any_package_version():
     chosen = apiserver.resolve(PACKAGES, [apiserver.SOURCES, apiserver.KUBECTL])
     newer = apiserver.resolve(PACKAGES.replace("Version: 3\n", "Version: 4\n"), [apiserver.SOURCES, apiserver.KUBECTL])
-    assert apiserver._key(chosen) == apiserver._key(list(chosen))
-    assert apiserver._key(chosen) != apiserver._key(newer)
-    assert apiserver._key(chosen).startswith("0.36.4-1-")
+    assert builder._key(chosen) == builder._key(list(chosen))
+    assert builder._key(chosen) != builder._key(newer)
+    assert builder._key(chosen).startswith("0.36.4-1-")
 
 
 def test_the_binary_is_stamped_with_the_kubernetes_release():
-    flags = apiserver._ldflags(apiserver.resolve(PACKAGES, [apiserver.SOURCES]))
+    flags = builder._ldflags(apiserver.resolve(PACKAGES, [apiserver.SOURCES]))
     assert "version.gitVersion=v1.36.4" in flags and "version.gitMinor=36" in flags
 
 
 def test_the_debian_mirror_comes_from_the_machines_own_sources():
-    assert apiserver._debian_mirror(["deb [signed-by=/k.gpg] http://mirror.test/debian/ bookworm main\n"]) \
+    assert builder._debian_mirror(["deb [signed-by=/k.gpg] http://mirror.test/debian/ bookworm main\n"]) \
         == "http://mirror.test/debian"
-    assert apiserver._debian_mirror(["Types: deb\nURIs: http://mirror.test/debian\nSuites: trixie\n"]) \
+    assert builder._debian_mirror(["Types: deb\nURIs: http://mirror.test/debian\nSuites: trixie\n"]) \
         == "http://mirror.test/debian"
-    assert apiserver._debian_mirror(["deb http://mirror.test/ubuntu noble main\n"]) is None
+    assert builder._debian_mirror(["deb http://mirror.test/ubuntu noble main\n"]) is None
 
 
 def test_certificates_name_the_user_and_groups_and_chain_to_the_ca():
     from cryptography.x509.oid import NameOID
-    ca_key, ca = apiserver._issue("test-ca")
-    _, admin = apiserver._issue("alice", issuer=(ca_key, ca), groups=("system:masters", "devs"))
-    _, serving = apiserver._issue("server", issuer=(ca_key, ca), server=True)
+    ca_key, ca = served._issue("test-ca")
+    _, admin = served._issue("alice", issuer=(ca_key, ca), groups=("system:masters", "devs"))
+    _, serving = served._issue("server", issuer=(ca_key, ca), server=True)
     assert admin.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alice"
     assert [a.value for a in admin.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)] == \
         ["system:masters", "devs"]
@@ -110,11 +114,25 @@ def test_bad_input_fails_before_anything_is_created():
         apiserver.Server("Not OK!")
 
 
-def test_not_built_says_why_and_creates_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(apiserver, "HOME", tmp_path)
-    monkeypatch.setattr(apiserver, "CURRENT", tmp_path / "CURRENT")
-    monkeypatch.setattr(apiserver, "UNAVAILABLE", tmp_path / "UNAVAILABLE")
-    monkeypatch.setattr(apiserver, "_build", lambda progress: (_ for _ in ()).throw(
+def _fail(error):
+    def fail(*args):
+        raise error
+    return fail
+
+
+@pytest.fixture
+def no_cache(tmp_path, monkeypatch):
+    """An empty build cache, and no etcd fetch (it would reach the network)."""
+    monkeypatch.setattr(builder, "HOME", tmp_path)
+    monkeypatch.setattr(builder, "CURRENT", tmp_path / "CURRENT")
+    monkeypatch.setattr(builder, "UNAVAILABLE", tmp_path / "UNAVAILABLE")
+    monkeypatch.setattr(builder, "_fetch_etcd", lambda: None)
+    return tmp_path
+
+
+def test_not_built_says_why_and_creates_nothing(no_cache, monkeypatch):
+    tmp_path = no_cache
+    monkeypatch.setattr(builder, "_build", _fail(
         apiserver.NotBuilt("apt-get update (Debian unstable) failed (exit 100): no network")))
     ok, detail = apiserver.build()           # a failed build is reported, never raised
     assert not ok and "no network" in detail and "cannot build" in detail
@@ -123,6 +141,51 @@ def test_not_built_says_why_and_creates_nothing(tmp_path, monkeypatch):
     with pytest.raises(apiserver.NotBuilt, match="no network"):
         server.start()
     assert not server.dir.exists()
+
+
+def test_only_a_machine_that_cannot_build_exits_0_without_the_server():
+    recipe, machine = apiserver.NotBuilt("go build failed"), apiserver.CannotBuild("no Debian mirror")
+    assert apiserver.exit_status(True, None) == 0
+    assert apiserver.exit_status(False, None) == 1              # a cached build that does not run
+    assert apiserver.exit_status(False, recipe) == 1
+    assert apiserver.exit_status(True, recipe) == 1             # a --refresh that failed
+    assert apiserver.exit_status(False, OSError("disk full")) == 1
+    assert apiserver.exit_status(False, machine) == 0
+    assert apiserver.exit_status(True, machine) == 0
+
+
+def test_a_failed_recipe_fails_the_command_with_the_builds_error(no_cache, monkeypatch, capsys):
+    monkeypatch.setattr(builder, "_build", _fail(apiserver.NotBuilt(
+        "go build k8s.io/apiextensions-apiserver failed on Debian unstable's sources: undefined: x")))
+    assert apiserver.main(["build"]) == 1
+    out, err = capsys.readouterr()
+    assert "NOT AVAILABLE" in out and "the build failed: go build" in err and "undefined: x" in err
+
+
+def test_a_machine_without_a_debian_mirror_is_a_named_reason_and_exit_0(no_cache, monkeypatch, capsys):
+    monkeypatch.setattr(builder, "_debian_mirror", lambda: None)   # the real _build meets it
+    assert apiserver.main(["build"]) == 0
+    out, err = capsys.readouterr()
+    assert "cannot build it" in out and "no Debian mirror" in out and err == ""
+    assert "no Debian mirror" in (no_cache / "UNAVAILABLE").read_text()
+
+
+@pytest.mark.skipif(not builder.KEYRING.is_file(), reason=f"no {builder.KEYRING}")
+def test_an_unreachable_mirror_is_a_machine_that_cannot_build(no_cache, monkeypatch):
+    monkeypatch.setattr(builder, "_debian_mirror", lambda: "http://127.0.0.1:9/debian")
+    options = builder._apt_options
+    monkeypatch.setattr(builder, "_apt_options", lambda apt: [*options(apt), "-o", "Acquire::Retries=0"])
+    with pytest.raises(apiserver.CannotBuild, match="no Debian mirror reachable.*127.0.0.1:9"):
+        builder._apt()   # a real apt-get update, which warns and exits 0 without --error-on=any
+
+
+def test_an_etcd_kubernetes_does_not_support_is_refused_before_anything_is_created(monkeypatch):
+    monkeypatch.setattr(served, "binary", lambda: Path("/bin/true"))
+    monkeypatch.setattr(etcd, "binary", lambda: etcd.Binary(Path("/usr/bin/etcd"), (3, 4, 23), "bookworm's"))
+    server = apiserver.Server("old-etcd")
+    with pytest.raises(apiserver.NotBuilt, match="etcd 3.4.23 .* older than the etcd 3.5.13") as e:
+        server.start()
+    assert "apiserver build" in str(e.value) and not server.dir.exists() and server.etcd is None
 
 
 # ---------------------------------------------------------------- a real server
@@ -336,3 +399,70 @@ def test_a_user_without_rights_is_forbidden(server, api):
         with pytest.raises(cluster.Forbidden) as caught:
             k.get(websites.KIND, "generic", **WEB)
     assert caught.value.status == 403 and 'User "student" cannot' in caught.value.detail
+
+
+# ---------------------------------------------------------------- start-up that fails
+
+def _nothing_left(s, state_existed):
+    """Neither the API server nor its etcd runs, and none of their folders is left."""
+    assert not s.running and s.pid is None
+    assert list(procfs.processes(lambda p: s.name in p.line)) == []
+    assert s.etcd is not None and not s.etcd.running and not s.etcd.dir.exists()
+    assert not s.dir.exists() and served.STATE.exists() == state_existed
+
+
+@pytest.mark.requires("apiserver")
+def test_a_server_that_never_answers_times_out_and_leaves_nothing(monkeypatch):
+    existed = served.STATE.exists()
+    monkeypatch.setattr(served.Server, "_answers", lambda self, context: False)
+    s = apiserver.Server("never", timeout=2)
+    with pytest.raises(LabTimeout, match="apiextensions-apiserver to become ready: not within 2 s"):
+        s.start()
+    assert s._daemon.process.returncode == -9                   # killed, and reaped
+    _nothing_left(s, existed)
+
+
+@pytest.mark.requires("apiserver")
+def test_a_server_that_exits_on_a_bad_flag_fails_with_its_log_and_leaves_nothing(monkeypatch):
+    existed = served.STATE.exists()
+    monkeypatch.setattr(served, "_NO_CORE_ADMISSION", (*served._NO_CORE_ADMISSION, "NoSuchPlugin"))
+    s = apiserver.Server("badflag")
+    with pytest.raises(apiserver.ApiserverError, match="exited with status [1-9]") as e:
+        s.start()
+    assert "NoSuchPlugin" in str(e.value).split("exited with status", 1)[1]   # from its log
+    _nothing_left(s, existed)
+
+
+# ---------------------------------------------------------------- the etcd under it
+
+@pytest.mark.requires("apiserver")
+def test_the_server_stores_in_an_etcd_that_kubernetes_supports(server):
+    assert server.etcd.binary.version >= apiserver.ETCD_NEEDED
+    assert os.path.realpath(f"/proc/{server.etcd.pid}/exe") == os.path.realpath(server.etcd.binary.path)
+
+
+@pytest.mark.requires("apiserver")
+def test_a_watch_of_a_resource_nobody_wrote_for_a_while(server, api):
+    """The watch cache of a quiet resource stays at its last write while etcd's revision moves
+    on (other resources are written). A watch must wait for etcd's progress notification to
+    catch up, which Kubernetes 1.36 asks for only from etcd 3.5.13 on; on bookworm's 3.4 this
+    watch failed with 504 Too large resource version."""
+    with server.cluster() as k:
+        k.apply(websites.website("quiet", image="localhost/cnlab/busybox:1", replicas=1))
+        db = server.etcd.client()
+        for i in range(20):             # meanwhile everyone else goes on writing: etcd moves on
+            db.put(f"/registry/elsewhere/{i}", "x")
+
+        def later():        # after the 3 s a watch waits for a stale cache before it answers 504
+            time.sleep(4)
+            k.patch(websites.KIND, "quiet", {"spec": {"replicas": 2}}, **WEB)
+        writer = threading.Thread(target=later)
+        writer.start()
+        try:
+            seen = [(e.type, e.object["spec"]["replicas"])
+                    for e in k.watch(websites.KIND, name="quiet", timeout=7, **WEB)]
+        finally:
+            writer.join()
+            k.delete(websites.KIND, "quiet", **WEB)
+            db.delete("/registry/elsewhere/", prefix=True)
+    assert seen == [("ADDED", 1), ("MODIFIED", 2)]

@@ -6,7 +6,8 @@ import pytest
 
 import helpers
 from helpers import etcd
-from helpers.errors import BadInput, MissingTool
+from helpers._core import names, procfs
+from helpers.errors import BadInput, LabTimeout, MissingTool
 
 
 def _alive(pid):
@@ -34,8 +35,32 @@ def test_bad_input_fails_before_anything_is_created():
         db.lease(0)
 
 
-def test_missing_etcd_is_a_missing_tool(monkeypatch):
+def _fake_etcd(path, version):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho 'etcd Version: {version}'\necho 'Go Version: go1.26'\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_the_cached_etcd_comes_first_and_the_fallback_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(etcd, "HOME", tmp_path / "cache")
+    monkeypatch.setattr(etcd, "CURRENT", tmp_path / "cache" / "CURRENT")
+    system = _fake_etcd(tmp_path / "bin" / "etcd", "3.4.23")
+    monkeypatch.setattr(etcd.shutil, "which", lambda name: str(system) if name == "etcd" else None)
+    fallback = etcd.binary()
+    assert (fallback.path, fallback.version) == (system, (3, 4, 23))
+    assert f"no Debian unstable etcd in {tmp_path / 'cache'}" in str(fallback)
+    cached = _fake_etcd(tmp_path / "cache" / "3.5.30-2" / etcd.BINARY, "3.5.30")
+    assert etcd.binary().path == system           # not current yet: an unpacking in progress
+    etcd.CURRENT.write_text("3.5.30-2\n")
+    chosen = etcd.binary()
+    assert (chosen.path, chosen.version) == (cached, (3, 5, 30))
+    assert str(chosen) == "etcd 3.5.30 (Debian unstable's etcd-server 3.5.30-2, from the cache)"
+
+
+def test_missing_etcd_is_a_missing_tool(tmp_path, monkeypatch):
     monkeypatch.setattr(etcd.shutil, "which", lambda name: None)
+    monkeypatch.setattr(etcd, "CURRENT", tmp_path / "CURRENT")   # and no cached one
     server = etcd.Server("missing")
     with pytest.raises(MissingTool, match="apt-get install etcd-server"):
         server.start()
@@ -174,6 +199,47 @@ def test_kill_9_keeps_every_acknowledged_write():
         back = {kv.key: kv.value.decode() for kv in db.get_prefix("/registry/configmaps/")}
         assert back == acknowledged and db.revision() == last
     assert not server.dir.exists()
+
+
+def _gone(server, state_existed):
+    """Nothing of a server whose start failed is left: no process, no folder it made."""
+    assert not server.running and server.pid is None
+    assert list(procfs.processes(lambda p: server.name in p.line)) == []
+    assert not server.dir.exists()
+    assert (names.STATE / "etcd").exists() == state_existed
+
+
+@pytest.mark.requires("etcd")
+def test_a_server_that_never_becomes_healthy_times_out_and_leaves_nothing(monkeypatch):
+    existed = (names.STATE / "etcd").exists()
+    monkeypatch.setattr(etcd.Server, "_healthy", lambda self: False)
+    server = etcd.Server("never", timeout=1)
+    began = time.monotonic()
+    with pytest.raises(LabTimeout, match=r"to become ready: not within 1 s") as e:
+        server.start()
+    assert time.monotonic() - began < 10
+    assert "etcd" in str(e.value) and server._daemon.process.returncode == -9   # killed, reaped
+    _gone(server, existed)
+
+
+@pytest.mark.requires("etcd")
+def test_a_server_that_exits_at_once_fails_with_its_log_and_leaves_nothing():
+    existed = (names.STATE / "etcd").exists()
+    server = etcd.Server("badflag")
+    server.client_url = "http://127.0.0.1:99999"     # no such port: etcd refuses its flags
+    with pytest.raises(etcd.EtcdError, match=r"exited with status [1-9]") as e:
+        server.start()
+    assert "invalid port" in str(e.value) and not isinstance(e.value, LabTimeout)   # its log
+    _gone(server, existed)
+
+
+@pytest.mark.requires("etcd")
+def test_a_server_runs_the_etcd_that_binary_chooses(server):
+    chosen = etcd.binary()
+    assert server.binary == chosen
+    assert os.path.realpath(f"/proc/{server.pid}/exe") == os.path.realpath(chosen.path)
+    if etcd.cached() is not None:   # the cache holds Debian unstable's: then it is that one
+        assert chosen.path == etcd.cached() and chosen.version >= (3, 5, 13)
 
 
 @pytest.mark.requires("etcd")

@@ -141,6 +141,16 @@ def _kind_preflight():
                  or "Docker, inotify limits and disk space are enough for kind")
 
 
+def _etcd():
+    """The etcd that ``helpers.etcd`` runs: which, its version, and why that one."""
+    from helpers.orchestration import etcd
+    from helpers.errors import LabError
+    try:
+        return Check(True, str(etcd.binary()))
+    except LabError as e:
+        return Check(False, str(e))
+
+
 def _apiserver():
     """Built from Debian's Go sources by the set-up; a build problem is not a machine's lack."""
     from helpers.orchestration import apiserver
@@ -195,7 +205,7 @@ def probe():
         "binutils": _tool("as", _apt("binutils")),
         "qemu": _tool("qemu-system-x86_64", _apt("qemu-system-x86")),
         "kernel-image": _kernel_image(),
-        "etcd": _tool("etcd", _apt("etcd-server")),
+        "etcd": _etcd(),
         "containerd": _tool("containerd", _apt("containerd")),
         "ctr": _tool("ctr", _apt("containerd")),
         "runc": _tool("runc", _apt("runc")),

@@ -1,7 +1,10 @@
 """A real etcd on loopback, and a small client for its v3 API.
 
-``Server`` runs Debian's ``etcd`` (package etcd-server) as a one-member cluster on two free
-loopback ports, with its data under ``STATE/etcd/cnlab-etcd-<name>``::
+``Server`` runs etcd as a one-member cluster on two free loopback ports, with its data under
+``STATE/etcd/cnlab-etcd-<name>``. The etcd is Debian unstable's ``etcd-server`` 3.5, which
+``python -m helpers apiserver build`` unpacks into the cache (Kubernetes 1.36 needs 3.5.13 or
+later); where it has not, this machine's ``etcd`` (Debian bookworm's is 3.4), and ``binary()``
+says which and why::
 
     with etcd.Server() as server:
         db = server.client()
@@ -25,19 +28,20 @@ import base64
 import contextlib
 import http.client
 import json
-import os
 import queue
 import re
 import secrets
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
-from helpers._core import daemon, names, owners
+from helpers._core import daemon, names, owners, wait
 from helpers import errors
 from helpers.errors import BadInput, LabError, MissingTool
 
@@ -61,6 +65,59 @@ class Compacted(EtcdError):
                          fix="list again, then watch from the revision that list returned")
 
 
+# ---------------------------------------------------------------------------------- binary
+
+HOME = names.CACHE / "etcd"       # <Debian version>/usr/bin/etcd, unpacked by the API server's build
+CURRENT = HOME / "CURRENT"        # the version in use, written once it is complete
+BINARY = Path("usr/bin/etcd")     # where the package puts it
+
+
+@dataclass(frozen=True)
+class Binary:
+    """The etcd program a Server runs, its version, and where it comes from (and why that one)."""
+    path: Path
+    version: tuple[int, ...]
+    origin: str
+
+    def __str__(self):
+        return f"etcd {'.'.join(map(str, self.version))} ({self.origin})"
+
+
+def version(path) -> tuple[int, ...]:
+    """What ``etcd --version`` says, as numbers: ``(3, 5, 30)``."""
+    try:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise EtcdError(f"{path} does not run: {e}", fix=f"rm -rf {HOME} and fetch it again") from e
+    found = re.search(r"etcd Version: (\d+)\.(\d+)\.(\d+)", out.stdout)
+    if found is None:
+        raise EtcdError(f"{path} --version printed no version: {(out.stdout + out.stderr)[-200:]}",
+                        fix=f"rm -rf {HOME} and fetch it again")
+    return tuple(map(int, found.groups()))
+
+
+def cached() -> Path | None:
+    """The etcd unpacked in the cache, or None."""
+    try:
+        path = HOME / CURRENT.read_text().strip() / BINARY
+    except OSError:
+        return None
+    return path if path.is_file() else None
+
+
+def binary() -> Binary:
+    """The etcd to run: Debian unstable's from the cache, else this machine's, saying why."""
+    path = cached()
+    if path is not None:
+        return Binary(path, version(path), f"Debian unstable's etcd-server {path.parents[2].name}, "
+                                           f"from the cache")
+    system = shutil.which("etcd")
+    if system is None:
+        raise MissingTool("etcd", package="etcd-server")
+    return Binary(Path(system), version(system), f"this machine's {system}: no Debian unstable "
+                                                 f"etcd in {HOME}")
+
+
 # ---------------------------------------------------------------------------------- server
 
 class Server:
@@ -81,6 +138,7 @@ class Server:
         self.client_url = f"http://127.0.0.1:{names.free_port()}"
         self.peer_url = f"http://127.0.0.1:{names.free_port()}"
         self._daemon: daemon.Daemon | None = None
+        self.binary: Binary | None = None    # which etcd runs, once started
 
     @property
     def data_dir(self):
@@ -99,20 +157,29 @@ class Server:
         return self._daemon is not None and self._daemon.running
 
     def start(self):
-        binary = shutil.which("etcd")
-        if binary is None:
-            raise MissingTool("etcd", package="etcd-server")
+        """Start (again, on the same data); ``EtcdError`` or ``LabTimeout`` with its log if it
+        does not become healthy, and then nothing it made is left (its data, if it had some)."""
         if self.running:
             return self
+        self.binary = binary()
+        made_parent, made_dir = not self.dir.parent.exists(), not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
-        command = [binary, "--name", self.name, "--data-dir", str(self.data_dir),
+        command = [self.binary.path, "--name", self.name, "--data-dir", str(self.data_dir),
                    "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
                    "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
                    "--initial-cluster", f"{self.name}={self.peer_url}",
                    "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr"]
-        self._daemon = daemon.Daemon(command, log=self.log, what="etcd", error=EtcdError)
-        self._daemon.start(self._healthy, timeout=self.timeout,
-                           fix="read the log above; is the port taken or the data dir damaged?")
+        self._daemon = daemon.Daemon(command, log=self.log, what=str(self.binary), error=EtcdError)
+        try:
+            self._daemon.start(self._healthy, timeout=self.timeout,
+                               fix="read the log above; is the port taken or the data dir damaged?")
+        except BaseException:             # the daemon is dead: what this start made goes too
+            if made_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            if made_parent:
+                with contextlib.suppress(OSError):    # another server's since: leave it
+                    self.dir.parent.rmdir()
+            raise
         return self
 
     def _healthy(self):
@@ -168,7 +235,7 @@ def sweep():
     """Kill every etcd the course started (``--name cnlab-...``) and remove their data dirs."""
     def ours(p):
         argv = p.argv
-        return (os.path.basename(argv[0]) == "etcd" and "--name" in argv[:-1]
+        return (Path(argv[0]).name == "etcd" and "--name" in argv[:-1]
                 and argv[argv.index("--name") + 1].startswith(names.PREFIX))
     daemon.strays(ours, timeout=0)
     shutil.rmtree(names.STATE / "etcd", ignore_errors=True)
@@ -438,7 +505,7 @@ class Watch:
         deadline = time.monotonic() + timeout
         seen = 0
         while count is None or seen < count:
-            event = self.get(max(0.0, deadline - time.monotonic()))
+            event = self.get(wait.remaining(deadline))
             if event is None:
                 return
             seen += 1
