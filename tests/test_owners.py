@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import helpers
-from helpers._core import names, owners, procfs
+from helpers._core import names, owners, procfs, wait
 
 
 @pytest.mark.requires("root")
@@ -57,6 +57,9 @@ def test_a_forked_child_is_seen_by_its_mark_and_a_kind_node_process_is_not():
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
                                  "kube-controller-manager", "--cluster-name=cnlab-ci"])
     try:
+        # until each has exec'd, it shows its parent's command line and environment
+        wait.until(lambda: procfs.argv(marked.pid)[:1] == ("sleep",), 5, "sleep to start")
+        wait.until(lambda: "kube-controller-manager" in procfs.argv(stranger.pid), 5, "it to start")
         pids = {p.pid for p in procfs.ours()}
         assert marked.pid in pids and stranger.pid not in pids
         assert os.getpid() not in pids                             # never the checker itself
@@ -70,6 +73,8 @@ def test_a_forked_child_is_seen_by_its_mark_and_a_kind_node_process_is_not():
 def test_a_course_process_left_running_is_a_leftover_until_cleanup():
     stray = subprocess.Popen(["sleep", "30"], env=procfs.marked_env(), start_new_session=True)
     try:
+        # until it has exec'd, the child shows its parent's command line and environment
+        wait.until(lambda: procfs.argv(stray.pid)[:1] == ("sleep",), 5, "the stray to start")
         assert any(line.startswith(f"process {stray.pid} ") for line in helpers.leftovers())
         procfs.kill([stray.pid])
         assert not any(line.startswith(f"process {stray.pid} ") for line in helpers.leftovers())

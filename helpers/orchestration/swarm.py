@@ -115,7 +115,7 @@ class Swarm:
         if self._client is None:  # never initialised, or left already
             return
         try:
-            sweep()
+            _teardown()
             if not self._had_gwbridge:  # Swarm's bridge for this node; Docker makes it again on init
                 for network in self._client.networks.list(names=["docker_gwbridge"]):
                     with contextlib.suppress(Exception):
@@ -356,6 +356,12 @@ def leftovers() -> list[str]:
 @owners.sweeper(owners.RUNTIMES + 1)
 def sweep(timeout: float = 60.0) -> None:
     """Remove the course's services (waiting for their containers) and leave a swarm it created."""
+    _teardown(timeout)
+
+
+def _teardown(timeout: float = 60.0) -> None:
+    # Swarm.leave()'s own way out, which the sweep after a crash shares (a fixture leaving its
+    # swarm is no leak, so it does not go through the registered sweep)
     try:
         client = engine.client(timeout=10)
     except engine.EngineUnavailable:
