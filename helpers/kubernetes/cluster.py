@@ -609,7 +609,9 @@ def ipvs_services(proc_net_ip_vs):
 
 # ------------------------------------------------------------------------------ what a crash leaves
 
-RECORDS = STATE / "kubernetes"   # one file per Cluster that changed something: what to give back
+# One file per Cluster that changed something: what to give back. A record is an instruction
+# for the sweep (on a remote cluster), not a resource of this machine: kept, not a leak.
+RECORDS = owners.keeps(STATE / "kubernetes")
 
 
 def _load_record(path):
