@@ -5,8 +5,11 @@ import queue
 import threading
 import time
 
+import pytest
+
 from helpers._core import loop
 from helpers._core.wait import until
+from helpers.errors import LabTimeout
 
 
 class Recorder:
@@ -115,3 +118,31 @@ def test_delayed_wakes_and_restarts():
         assert step.passes[2][1] is None
     finally:
         ctl.stop()
+
+
+def test_runs_is_the_running_start_stop_and_with_of_every_controller():
+    class Controller(loop.Runs):
+        stop_timeout = 2.0
+
+        def __init__(self):
+            self._loop = loop.Loop(Recorder(), resync=0.05, name="cnlab-test-runs")
+    ctl = Controller()
+    assert not ctl.running and ctl.start() is ctl and ctl.running
+    assert ctl.stop() is None and not ctl.running
+    with Controller() as ctl:
+        assert ctl.running
+    assert not ctl.running
+
+
+def test_until_backs_off_and_can_word_its_own_timeout():
+    calls = {"plain": 0, "backoff": 0}
+
+    def never(kind):
+        calls[kind] += 1
+        return False
+    for kind, backoff in (("plain", None), ("backoff", 0.08)):
+        with pytest.raises(LabTimeout, match="nothing: not within 0.5 s"):
+            until(lambda: never(kind), 0.5, "nothing", interval=0.01, backoff=backoff)
+    assert calls["plain"] >= 25 and calls["backoff"] <= 15, calls   # 0.01, 0.02, 0.04, 0.08, 0.08 ...
+    with pytest.raises(LookupError, match="^said my way$"):
+        until(lambda: False, 0, "x", error=lambda: LookupError("said my way"))

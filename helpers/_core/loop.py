@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from typing import Any, Callable, Hashable, Iterable, Iterator, Self
 
 from helpers._core import wait
 
@@ -166,6 +166,32 @@ class Loop:
                 self.wake()  # it may have missed events: list again now, as a client-go reflector does
                 self._stop.wait(pause)
                 pause = min(2 * pause, BACKOFF[1])
+
+
+class Runs:
+    """What every controller on a ``Loop`` (its ``self._loop``) offers: ``running``, ``start()``
+    (in threads), ``stop()`` (waiting at most ``stop_timeout`` seconds for them), and a ``with``
+    block that starts and stops it."""
+    _loop: Loop
+    stop_timeout: float = 10.0
+
+    @property
+    def running(self) -> bool:
+        return self._loop.running
+
+    def start(self) -> Self:
+        self._loop.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop and its watches (what it made stays: it is the workload)."""
+        self._loop.stop(self.stop_timeout if timeout is None else timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _close(stream: Any) -> None:

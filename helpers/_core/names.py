@@ -5,6 +5,7 @@ Every resource the helpers create carries the prefix ``cnlab`` (cgroups, mount p
 ``helpers.cleanup()`` can find what a crash left, and ``helpers.leftovers()`` can prove that
 nothing was.
 """
+import functools
 import os
 import re
 import socket
@@ -63,9 +64,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check(value: str, pattern, what: str, *, fix: str) -> str:
-    """``value`` if it matches ``pattern`` (a compiled regex) whole, else ``BadInput``: one rule
-    for every name a student passes in (cgroups, netns, containers, clusters)."""
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise BadInput(f"{what} {value!r} is not valid", fix=fix)
+@functools.cache
+def _rule(upper: bool, punct: str, most: int, dns: bool) -> re.Pattern:
+    alnum = "A-Za-z0-9" if upper else "a-z0-9"
+    body = f"[{alnum}{re.escape(punct)}]"
+    if dns:     # a DNS label ends in a letter or digit too
+        return re.compile(f"[{alnum}](?:{body}{{0,{most - 2}}}[{alnum}])?")
+    return re.compile(f"[{alnum}]{body}{{0,{most - 1}}}")
+
+
+def check(value: object, what: str, *, upper: bool = False, punct: str = "-", most: int = 31,
+          dns: bool = False, kind: str = "a usable name", fix: str | None = None) -> str:
+    """``value`` if it is a name by the one rule of the course, else ``BadInput`` ("<what>
+    <value> is not <kind>"): a letter or digit (lower-case unless ``upper``), then letters, digits
+    and the characters of ``punct``, at most ``most`` in all (``dns``: ending in a letter or
+    digit, as a DNS label). Every name a student passes in is checked here (cgroups, netns,
+    containers, servers, clusters)."""
+    if not isinstance(value, str) or not _rule(upper, punct, most, dns).fullmatch(value):
+        marks = [f"'{c}'" for c in punct]
+        chars = ", ".join(["letters" if upper else "lower-case letters", "digits", *marks[:-1]])
+        chars += f" and {marks[-1]}" if marks else ""
+        raise BadInput(f"{what} {value!r} is not {kind}",
+                       fix=fix or f"use {chars} (at most {most} characters)")
     return value

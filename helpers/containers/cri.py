@@ -18,7 +18,6 @@ Used in: 27-containerd-cri, 35-api-controller, book/containers/oci-docker-cri, b
 """
 import contextlib
 import json
-import re
 import shutil
 import time
 import uuid
@@ -32,7 +31,6 @@ from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
 
 LOGS = names.STATE / "pods"    # like the kubelet's /var/log/pods: <ns>_<name>_<uid>/<ctr>/0.log
 OWNER = {names.LABEL: "cri"}   # the label on every pod and container made here
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")      # a DNS label, as Kubernetes names
 
 
 def _api():
@@ -306,10 +304,8 @@ class Client:
 
 
 def _named(name, what):
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise BadInput(f"{what} name {name!r} is not a DNS label",
+    return names.check(name, f"{what} name", most=63, dns=True, kind="a DNS label",
                        fix="use lower-case letters, digits and '-', at most 63, e.g. 'web'")
-    return name
 
 
 class Pod:

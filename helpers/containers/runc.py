@@ -22,7 +22,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from helpers._core import names, owners, procfs
+from helpers._core import names, owners, procfs, wait
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
 
 if TYPE_CHECKING:
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 ROOT = names.STATE / "runc"          # runc --root: one state.json per container
 BUNDLES = names.STATE / "bundles"    # one bundle per container, named like it
 STATUSES = ("creating", "created", "running", "stopped")   # the runtime spec's lifecycle
-_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
 class RuncError(LabError):
@@ -80,11 +78,8 @@ def spec() -> dict[str, Any]:
 
 
 def _named(name):
-    name = name or uuid.uuid4().hex[:12]
-    if not isinstance(name, str) or not _ID.fullmatch(name):
-        raise BadInput(f"{name!r} is not a usable container name",
-                       fix="use lower-case letters, digits, '.', '-' and '_' (at most 63)")
-    return name if name.startswith(names.PREFIX) else names.name(name)
+    return names.prefixed(names.check(name or uuid.uuid4().hex[:12], "container name",
+                                      punct="_.-", most=63))
 
 
 class Bundle:
@@ -190,13 +185,16 @@ class Container:
         """Poll ``runc state`` until the container reaches ``status``."""
         if status not in STATUSES:
             raise BadInput(f"{status!r} is not a lifecycle status", fix=f"use one of {STATUSES}")
-        deadline = time.monotonic() + timeout
-        while (state := self.state()).status != status:
-            if time.monotonic() > deadline:
-                raise LabTimeout(f"container {self.id} is still {state.status} after {timeout} s, "
-                                 f"not {status}", fix="kill it with KILL, or wait longer")
-            time.sleep(0.02)
-        return state
+        last: list[State] = []
+
+        def reached() -> bool:
+            last[:] = [self.state()]
+            return last[0].status == status
+        wait.until(reached, timeout, f"container {self.id} to be {status}", interval=0.02,
+                   error=lambda: LabTimeout(f"container {self.id} is still {last[0].status} "
+                                            f"after {timeout} s, not {status}",
+                                            fix="kill it with KILL, or wait longer"))
+        return last[0]
 
     def delete(self, force: bool = False) -> None:
         """Remove runc's state and the container's cgroup (``force``: kill it first)."""

@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import yaml
 
 from helpers import errors
 from helpers.errors import BadInput, LabError, LabTimeout
-from helpers._core import owners
+from helpers._core import names, owners, wait
 from helpers._core.names import LABEL, PREFIX, ROOT, STATE
 
 MANIFESTS = ROOT / "manifests"
@@ -496,8 +495,8 @@ def node_pod(node, namespace, image="cnlab/busybox:latest"):
     """The Pod that gives the course a node's own view, like ``kubectl debug node/<node>``: the
     node's PID and network namespaces, privileged, the node's root read-only at /host."""
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{PREFIX}-node-{hashlib.sha1(node.encode()).hexdigest()[:10]}", "namespace": namespace,
-                         "labels": {LABEL: "node-view", "app.kubernetes.io/name": f"{PREFIX}-node"}},
+            "metadata": {"name": names.name("node", hashlib.sha1(node.encode()).hexdigest()[:10]), "namespace": namespace,
+                         "labels": {LABEL: "node-view", "app.kubernetes.io/name": names.name("node")}},
             "spec": {"nodeName": node, "hostPID": True, "hostNetwork": True, "restartPolicy": "Never",
                      "terminationGracePeriodSeconds": 1, "tolerations": [{"operator": "Exists"}],
                      "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
@@ -713,19 +712,17 @@ class Cluster:
                 raise BadInput(f"several API groups serve a {kind}: say which with api_version=") from e
         if (api_version, kind) not in self._resources:
             prefix, group, version = ("apis", *api_version.split("/")) if "/" in api_version else ("api", "", api_version)
-            for attempt in range(10):
+
+            def served():  # a CRD just applied is served a moment later
                 try:
                     with self._errors(kind):
                         found = self.dynamic.resources.get_resources_for_api_version(prefix, group, version, True)
                 except NotFound:
                     found = {}
-                match = [r for r in found.get(kind, []) if not isinstance(r, ResourceList)]
-                if match:
-                    self._resources[(api_version, kind)] = match[0]
-                    break
-                time.sleep(0.5)
-            else:
-                raise UnknownKind(kind, api_version, self.context)
+                return next((r for r in found.get(kind, []) if not isinstance(r, ResourceList)), None)
+            self._resources[(api_version, kind)] = wait.until(
+                served, 5, f"{api_version} {kind} to be served", interval=0.5,
+                error=lambda: UnknownKind(kind, api_version, self.context))
         return self._resources[(api_version, kind)]
 
     def _custom_kind_version(self, kind):
@@ -986,16 +983,17 @@ class Cluster:
         """
         res = self.resource(kind, api_version)
         ns = self._ns(res, namespace)
-        deadline = time.monotonic() + timeout
-        while True:
+        obj, left = None, None
+
+        def done():
+            nonlocal obj, left
             obj = self.find(kind, name, namespace=ns, api_version=api_version)
             left = pending(obj)
-            if left is None:
-                return obj
-            if time.monotonic() > deadline:
-                raise LabTimeout(f"{what(kind, name, ns)}: {doing} for {timeout:g} s, still {left}",
-                                 fix="c.events(kind, name) and the Pods' logs say why; or allow more time")
-            time.sleep(0.5)
+            return left is None
+        wait.until(done, timeout, f"{what(kind, name, ns)}: {doing}", interval=0.5,
+                   error=lambda: LabTimeout(f"{what(kind, name, ns)}: {doing} for {timeout:g} s, still {left}",
+                                            fix="c.events(kind, name) and the Pods' logs say why; or allow more time"))
+        return obj
 
     def wait_for(self, kind, name, type_, status="True", *, namespace=None, api_version=None, timeout=120):
         """Wait until condition ``type_`` in .status.conditions has ``status``."""
@@ -1018,16 +1016,18 @@ class Cluster:
 
     def wait_ready(self, *, nodes=None, timeout=300, system_pods=False):
         """Wait until every node is Ready (and ``nodes`` of them registered) and kube-system's pods run."""
-        deadline, left = time.monotonic() + timeout, ["the API server to answer"]
-        while time.monotonic() < deadline:
+        left = ["the API server to answer"]
+
+        def ready():
+            nonlocal left
             with contextlib.suppress(NoCluster, ServerError):
                 left = readiness(self.get("Node"), self.get("Pod", namespace="kube-system"), expected_nodes=nodes,
                                  system_pods=system_pods)
-                if not left:
-                    return
-            time.sleep(2)
-        raise LabTimeout(f"cluster {self.context} not ready after {timeout:g} s: " + "; ".join(left[:6]),
-                         fix="look at the nodes and kube-system pods; on kind, `docker logs <node>`")
+                return not left
+            return False
+        wait.until(ready, timeout, f"cluster {self.context} to be ready", interval=2,
+                   error=lambda: LabTimeout(f"cluster {self.context} not ready after {timeout:g} s: " + "; ".join(left[:6]),
+                                            fix="look at the nodes and kube-system pods; on kind, `docker logs <node>`"))
 
     def watch(self, kind, *, namespace=None, name=None, label_selector=None, api_version=None, timeout=30,
               resource_version=None):
@@ -1128,16 +1128,18 @@ class Cluster:
     def wait_rules(self, node, service, mode, endpoints, *, timeout=60):
         """Wait until kube-proxy on ``node`` has written all ``endpoints`` of the Service (it syncs
         a moment after the EndpointSlice changes); return the rules."""
-        deadline = time.monotonic() + timeout
-        while True:
+        rules, got = None, 0
+
+        def written():
+            nonlocal rules, got
             rules = self.service_rules(node, service, mode)
             got = len(rules["endpoints"]) if rules else 0
-            if got == endpoints:
-                return rules
-            if time.monotonic() > deadline:
-                raise LabTimeout(f"kube-proxy on {node} wrote {got} of {endpoints} endpoints of {service} "
-                                 f"in {timeout:g} s", fix="is kube-proxy running on that node? read its logs")
-            time.sleep(1)
+            return got == endpoints
+        wait.until(written, timeout, f"kube-proxy on {node} to write {service}", interval=1,
+                   error=lambda: LabTimeout(f"kube-proxy on {node} wrote {got} of {endpoints} endpoints of "
+                                            f"{service} in {timeout:g} s",
+                                            fix="is kube-proxy running on that node? read its logs"))
+        return rules
 
     # ---- what only kind can do (helpers.kind.KindCluster does it)
 

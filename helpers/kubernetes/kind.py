@@ -22,7 +22,6 @@ import atexit
 import contextlib
 import os
 import platform
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers._core import owners
+from helpers._core import names, owners
 from helpers.kubernetes import cluster
 from helpers.containers import images
 from helpers import errors
@@ -82,10 +81,8 @@ class PreflightFailed(KindError):
 
 def cluster_name(name):
     """``pods`` -> ``cnlab-pods``; a name that already carries the prefix is kept."""
-    full = name if str(name).startswith(f"{PREFIX}-") else f"{PREFIX}-{name}"
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", full):
-        raise BadInput(f"cluster name {name!r}: use lowercase letters, digits and '-' (at most 31)")
-    return full
+    full = name if str(name).startswith(f"{PREFIX}-") else names.name(name)
+    return names.check(full, "cluster name")
 
 
 def config(name, *, workers=1, proxy_mode="iptables", image=NODE_IMAGE):
@@ -264,7 +261,7 @@ def lab_cluster(lab, *, workers=1, proxy_mode=None, load=(), storage=False, dns=
     cluster back as it was.
     """
     context = os.environ.get("CNLAB_CONTEXT")
-    namespace = f"{PREFIX}-{lab}"
+    namespace = names.name(lab)
     if context:
         c = cluster.connect(context, namespace=namespace)
         c.check_images(list(load))              # before anything is made

@@ -13,7 +13,7 @@ from helpers.errors import LabError
 from helpers.kubernetes.cluster import ECHO_API, FIELD_MANAGER, connect, load, plain
 
 
-class Controller:
+class Controller(loop.Runs):
     """A level-triggered reconcile loop on the client's list and watch, in threads.
 
     ``sources`` are (kind, apiVersion, label selector, key): ``key(obj)`` turns an object of
@@ -36,12 +36,7 @@ class Controller:
                                                    lambda event, key=key: key(event.object))
                                         for kind, version, selector, key in self.sources])
         self.log = self._loop.log
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
+        self.stop_timeout = resync + 20   # a watch ends on the server's time, ``resync`` seconds
 
     def start(self):
         if self.running:
@@ -49,18 +44,13 @@ class Controller:
         # A client of its own: the notebook goes on using the cluster's while the threads run.
         t = self.target
         self.cluster = connect(t.context, kubeconfig=t.kubeconfig, namespace=t.namespace)
-        self._loop.start()
-        return self
+        return super().start()
 
-    def stop(self):
-        """Stop watching and working (within ``resync`` seconds: a watch ends on the server's time)."""
-        self._loop.stop(self.resync + 20)
+    def stop(self, timeout=None):
+        """Stop watching and working, and close its own client."""
+        super().stop(timeout)
         if self.cluster is not None:
             self.cluster.close()
-
-    @property
-    def running(self):
-        return self._loop.running
 
     def _watcher(self, kind, api_version, selector):
         """Open a watch of ``kind``: from a list of its own (ADDED for every object), ``resync`` seconds long."""

@@ -19,15 +19,14 @@ Used in: 33-controller, book/orchestration/orchestration.
 """
 import contextlib
 import json
-import re
 import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
-from helpers._core import loop, owners, wait
+from helpers._core import loop, names, owners, wait
 from helpers.containers import images
 from helpers.errors import BadInput
 from helpers._core.names import LABEL, PREFIX
@@ -63,8 +62,7 @@ class Action:
 
 
 def _check_name(name):
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", name):
-        raise BadInput(f"replica set name {name!r}: use lowercase letters, digits and '-'")
+    names.check(name, "replica set name")
 
 
 # ------------------------------------------------------------------ desired state (etcd)
@@ -154,7 +152,7 @@ def diff(spec: dict[str, Any] | None, owned: list[Replica]) -> tuple[list[tuple[
     return delete, max(0, spec["replicas"] - len(good))
 
 
-class Controller:
+class Controller(loop.Runs):
     """The loop: ``reconcile_once()`` by hand, or ``start()`` it in a thread and ``stop()`` it."""
 
     def __init__(self, db: "etcd.Client", *, resync: float = 2.0,
@@ -210,7 +208,7 @@ class Controller:
                 client.api.remove_container(replica.name, force=True)
             actions.append(Action("delete", owner, why))
         for _ in range(create):
-            name = f"{PREFIX}-{owner}-{secrets.token_hex(3)}"
+            name = names.name(owner, secrets.token_hex(3))
             try:
                 client.containers.create(spec["image"], WORKLOAD, name=name,
                                          labels={LABEL: "controller", OWNER: owner}).start()
@@ -229,19 +227,7 @@ class Controller:
         if obj.get("status") != status:
             self.db.cas(kv.key, _encode({**obj, "status": status}), mod_revision=kv.mod_revision)
 
-    # the loop in a thread ----------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._loop.running
-
-    def start(self) -> Self:
-        self._loop.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loop and its watches; the containers stay (they are the workload)."""
-        self._loop.stop(timeout)
-
+    # the loop in a thread (running, start, stop: loop.Runs) -----------------------------
     def _watch_etcd(self):
         """Desired state changed: wake up."""
         return self.db.watch(REGISTRY, prefix=True)
@@ -256,12 +242,6 @@ class Controller:
             client.close()
             raise
         return loop.Stream(events, events.close, client.close)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<controller.Controller {'running' if self.running else 'stopped'}, {self.passes} passes>"

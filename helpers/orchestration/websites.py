@@ -24,7 +24,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from helpers._core import loop, wait
 from helpers.containers import cri
@@ -181,7 +181,7 @@ class Action:
         return f"{self.verb} {self.site}: {self.why}"
 
 
-class Controller:
+class Controller(loop.Runs):
     """Reconcile every Website of ``namespace`` with the runtime's pods, in a thread.
 
     ``api``: a ``kubernetes.client.ApiClient``; ``runtime``: a ``cri.Client``. ``actions``
@@ -288,19 +288,9 @@ class Controller:
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
                 {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status})
 
-    # -- the loop --
+    # -- the loop (running, start, stop: loop.Runs) --
 
-    @property
-    def running(self) -> bool:
-        return self._loop.running
-
-    def start(self) -> Self:
-        self._loop.start()
-        return self
-
-    def stop(self, timeout: float = 15.0) -> Self:
-        self._loop.stop(timeout)
-        return self
+    stop_timeout = 15.0
 
     def _watch(self):
         """Websites changed since the last pass's list: wake up. It ends after ``resync`` seconds."""
@@ -314,12 +304,6 @@ class Controller:
         """An API or runtime hiccup: say so; the loop tries again."""
         line = (str(e).splitlines() or [""])[0][:200]
         self._did("failed", "-", ("" if where == "pass" else f"watch {where}: ") + f"{type(e).__name__}: {line}")
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<websites.Controller {self.namespace} {'running' if self.running else 'stopped'}>"

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
+from helpers._core import names
 from helpers.containers import cgroups
 import helpers.containers.sandbox.security as security
 from helpers.errors import BadInput
@@ -32,10 +33,7 @@ def _option(default: Any, *flags: str, help: str, group: str = "container",
 # --- the checks -------------------------------------------------------------------------------
 
 def _hostname(value) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", value):
-        raise BadInput(f"hostname={value!r} is not a host name",
-                       fix="use letters, digits, '-' and '.' (at most 63 characters)")
-    return value
+    return names.check(value, "hostname", upper=True, punct=".-", most=63, kind="a host name")
 
 
 def _network(value) -> str:

@@ -124,14 +124,14 @@ class DevicesGroup:
         self.path = Path(path)
         os.mkdir(self.path)
         try:
-            cgroups._write(self.path / "devices.deny", "a")
-            cgroups._write(self.path / "devices.allow", *DEVICES)
+            cgroups.write(self.path / "devices.deny", "a")
+            cgroups.write(self.path / "devices.allow", *DEVICES)
         except BaseException:
             self.remove()
             raise
 
     def add(self, pid: int) -> None:
-        cgroups._write(self.path / "cgroup.procs", pid)
+        cgroups.write(self.path / "cgroup.procs", pid)
 
     def remove(self) -> None:
         cgroups.remove_dirs([self.path])

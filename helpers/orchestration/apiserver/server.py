@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import ipaddress
 import json
-import re
 import secrets
 import shutil
 import ssl
@@ -18,7 +17,7 @@ from pathlib import Path
 from helpers.orchestration import etcd
 from helpers.orchestration.apiserver.builder import binary, kubectl_binary, supported_etcd
 from helpers._core import daemon, names, owners
-from helpers.errors import BadInput, LabError
+from helpers.errors import LabError
 
 STATE = names.STATE / "apiserver"
 
@@ -107,9 +106,7 @@ class Server:
 
     def __init__(self, name=None, *, timeout=90.0):
         name = name or secrets.token_hex(3)
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", name):
-            raise BadInput(f"API server name {name!r}: use lowercase letters, digits and '-'")
-        self.name = names.name("apiserver", name)
+        self.name = names.name("apiserver", names.check(name, "API server name"))
         self.dir = STATE / self.name
         self.timeout = timeout
         self.port = None
@@ -223,8 +220,7 @@ class Server:
     def kubeconfig_for(self, user, groups=()):
         """A kubeconfig for someone other than the admin: a certificate naming ``user`` and
         ``groups``. Without system:masters, nothing here authorizes them (see ``_start``)."""
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,40}", str(user)):
-            raise BadInput(f"user name {user!r}: use lowercase letters, digits, '.' and '-'")
+        names.check(str(user), "user name", punct=".-", most=41)
         if self._ca is None:
             raise ApiserverError(f"{self.name} is not started", fix="start it: `with apiserver.Server() as server:`")
         return self._write_kubeconfig(self.dir / f"kubeconfig-{user}", user, tuple(groups))
