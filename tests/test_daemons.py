@@ -50,6 +50,19 @@ CASES = {
         engine = private_engine(where)
         report([engine.pid], [where])
     """),
+    # not daemons, but the same promise: the forked children of ns.start (a callable; a command
+    # as PID 1 of a new PID namespace, in a new user namespace) die with the kernel that forked them
+    "ns.start": (set(), """
+        import time
+        from helpers import ns
+        with ns.start(time.sleep, 120, new=["uts"]) as child:
+            report([child.pid], [])
+    """),
+    "ns.start pid+user": ({"sleep"}, """
+        from helpers import ns
+        with ns.start(["sleep", "120"], new=["user", "pid", "mnt"]) as child:
+            report([child.pid], [])
+    """),
     "qemu": ({"qemu-system-x86_64"}, """
         from helpers import vm
         with vm.VM(accel="tcg") as guest:
@@ -105,6 +118,8 @@ def _survivors(child: int, pids: set[int]) -> list[str]:
     pytest.param("apiserver", marks=[pytest.mark.requires("apiserver")]),
     pytest.param("containerd", marks=pytest.mark.requires("containerd")),
     pytest.param("dockerd", marks=pytest.mark.requires("root", "docker")),
+    pytest.param("ns.start", marks=pytest.mark.requires("root")),
+    pytest.param("ns.start pid+user", marks=pytest.mark.requires("root")),
     pytest.param("qemu", marks=pytest.mark.requires("qemu")),
     pytest.param("virtiofsd", marks=[pytest.mark.requires("qemu", "root"), pytest.mark.skipif(
         not any(os.access(p, os.X_OK) for p in vm.VIRTIOFSD), reason="needs virtiofsd")]),
@@ -117,7 +132,7 @@ def test_a_killed_starter_takes_its_daemons_with_it(case, tmp_path):
         owned = _owned_by(child.pid)
         running = {os.path.basename(p.argv[0]) for p in owned}
         assert programs <= running, f"not running, or not marked as the child's: {programs - running}"
-        assert pids <= {p.pid for p in owned}
+        assert all(pid in {p.pid for p in owned} or procfs.marked(pid) for pid in pids)
         pids |= {p.pid for p in owned}
         killed = time.monotonic()
         child.send_signal(signal.SIGKILL)

@@ -6,18 +6,22 @@ mark, not by guessing from command lines: a fork of pytest is seen, a kind clust
 kube-controller-manager ``--cluster-name=cnlab-ci`` is not.
 """
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from helpers._core import libc, wait
 from helpers._core.names import PREFIX
+from helpers.errors import LabTimeout
 
 MARK = "CNLAB_OWNER"          # environment variable set in every program the course executes
 COMM = PREFIX                 # /proc/<pid>/comm of every child the course forks without exec
+_PR_SET_NAME = 15             # prctl(2): this thread's name, /proc/<pid>/comm
+_PR_SET_PDEATHSIG = 1         # prctl(2): the signal this process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -90,37 +94,56 @@ def marked(pid: int) -> bool:
     return any(item.startswith(MARK.encode() + b"=") for item in env.split(b"\0"))
 
 
+def mark_forked() -> None:
+    """Name this forked process ``COMM`` (its /proc/<pid>/comm), which ``marked`` knows: a fork
+    keeps the parent's environment as the kernel shows it, so it cannot carry ``MARK``. And tie
+    its life to the parent's: a fork of a multithreaded parent can block forever on a lock that
+    another thread held at the fork, and must not outlive a killed kernel that way."""
+    name = ctypes.create_string_buffer(COMM.encode())
+    libc.prctl(_PR_SET_NAME, ctypes.addressof(name))
+    parent = os.getppid()
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:          # the parent died before the line above: nobody waits
+        os._exit(1)
+
+
 def marked_env(env: dict | None = None) -> dict:
     """``env`` (default: this process's) with the course's mark, for a program it executes."""
     return {**(os.environ if env is None else env), MARK: str(os.getpid())}
 
 
 def ours() -> list[Process]:
-    """The course's processes still alive, apart from this one and its ancestors."""
+    """The course's processes still alive, apart from this one and its ancestors; and this
+    one's forked children that ended unreaped (an interrupt came before their wait): zombies,
+    which ``kill`` reaps."""
     skip: set[int] = set()
     pid: int | None = os.getpid()
     while pid and pid > 1 and pid not in skip:     # self, parent, ...: a run never counts itself
         skip.add(pid)
         pid = parent(pid)
-    return [p for p in processes(lambda p: p.pid not in skip) if marked(p.pid)]
+    zombies = [Process(p, (f"[{COMM}] <defunct>",)) for p in pids()
+               if parent(p) == os.getpid() and not alive(p) and marked(p)]
+    return [p for p in processes(lambda p: p.pid not in skip) if marked(p.pid)] + zombies
 
 
 def kill(pids, *, timeout: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout`` s, to every pid; return when all are gone."""
     pids = [p for p in pids if p]
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+
+    def gone():
+        nonlocal pids
+        for pid in pids:                # our own children: reap them (first: a zombie is not
+            with contextlib.suppress(ChildProcessError, OSError):     # alive, but still there)
+                os.waitpid(pid, os.WNOHANG)
+        pids = [p for p in pids if alive(p)]
+        return not pids
+    for sig, patience in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if alive(p)]
-            if not pids:
-                return
-            for pid in pids:            # our own children: reap them, or they stay zombies
-                with contextlib.suppress(ChildProcessError, OSError):
-                    os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.02)
+        with contextlib.suppress(LabTimeout):
+            wait.until(gone, patience, "processes to exit", interval=0.02)
+            return
 
 
 @dataclass(frozen=True)
@@ -128,7 +151,8 @@ class Mount:
     point: str
     fstype: str
     source: str
-    options: str
+    options: str               # the mount's own (rw, nosuid, ...)
+    super_options: str = ""    # the filesystem's (a cgroup v1 hierarchy's controllers)
 
 
 def _unescape(field: str) -> str:
@@ -136,14 +160,15 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
 
 
-def mounts(pid: int | str = "self") -> list[Mount]:
-    """The mount table of ``pid``'s mount namespace, from its mountinfo, in kernel order."""
+def mounts(pid: int | str = "self", *, table: str | Path | None = None) -> list[Mount]:
+    """The mount table of ``pid``'s mount namespace, from its mountinfo, in kernel order; or
+    that of the mountinfo file ``table`` (a test's made-up machine)."""
     found = []
-    for line in (_read(f"/proc/{pid}/mountinfo") or b"").decode().splitlines():
+    for line in (_read(str(table or f"/proc/{pid}/mountinfo")) or b"").decode().splitlines():
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
         found.append(Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]) if len(tail) > 1 else "",
-                           fields[5]))
+                           fields[5], tail[2] if len(tail) > 2 else ""))
     return found
 
 

@@ -14,12 +14,10 @@ and ``write_id_maps`` directly.
 Used in: 21-namespaces, 22-cgroups, 23-filesystems, 24-container-from-scratch, 26-docker, book/containers/container-from-scratch, book/containers/images-filesystems, book/containers/namespaces-cgroups, book/containers/oci-docker-cri.
 """
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
 import pickle
-import re
 import selectors
 import shutil
 import signal
@@ -35,7 +33,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Self
 
-from helpers._core import libc, names, owners, procfs
+from helpers._core import libc, names, owners, procfs, wait
 from helpers.errors import BadInput, LabError, LabTimeout, MissingTool
 
 # The name of each namespace type in /proc/<pid>/ns, and the flag that creates one.
@@ -57,7 +55,6 @@ _NS_GET_NSTYPE = 0xB703           # ioctl(2) on a namespace fd: which CLONE_NEW*
 NETNS_DIR = Path("/run/netns")    # where `ip netns` and pyroute2 keep named network namespaces
 DEFAULT_ID_MAP = ((0, 100_000, 65_536),)   # root inside = uid 100000 outside, like /etc/subuid
 _CLOCKS = ("monotonic", "boottime")        # the clocks a time namespace can offset
-_PR_SET_NAME = 15                          # prctl(2): this thread's name, /proc/<pid>/comm
 
 
 def probe(kind: str) -> str | None:
@@ -415,7 +412,10 @@ class Child:
         """Signal the target's process group: the target and whatever it started. (A leader
         that forked the target is spared: it reaps the target and reports how it ended.)"""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid or self._leader, sig)
+            if self.pid is None:    # still setting up: the leader, whose group may not exist yet
+                os.kill(self._leader, sig)
+            else:
+                os.killpg(self.pid, sig)
 
     def wait(self, timeout: float | None = None) -> Result:
         """Wait for the child to end and return its Result; re-raise what the callable raised."""
@@ -437,6 +437,9 @@ class Child:
     def _reap(self, linger=5.0):
         """Collect what is left in the pipes (a killed target's status comes from its leader),
         then the leader's exit status."""
+        if self._go >= 0:           # a leader that waits for the id maps reads end-of-file
+            os.close(self._go)
+            self._go = -1
         self._pump(lambda: False, time.monotonic() + linger)
         _, status = os.waitpid(self._leader, 0)
         for fd in self._open:
@@ -444,7 +447,6 @@ class Child:
             os.close(fd)
         self._open.clear()
         self._selector.close()
-        os.close(self._go)
         status = self._seen.get("exit", [status])[0]   # relayed by the leader when it forked
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         code = 128 + sig if sig else os.WEXITSTATUS(status)
@@ -472,17 +474,10 @@ def _send(fd, *record):
         data = data[os.write(fd, data):]
 
 
-def _mark_forked():
-    """Name this forked process ``cnlab`` (its /proc/<pid>/comm), which ``procfs.marked`` knows:
-    a fork keeps the parent's environment as the kernel shows it, so it cannot carry the mark."""
-    name = ctypes.create_string_buffer(procfs.COMM.encode())
-    libc.prctl(_PR_SET_NAME, ctypes.addressof(name))
-
-
 def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, records, output, go):
     code = 1
     try:
-        _mark_forked()                     # and the grandchild it may fork inherits the name
+        procfs.mark_forked()               # and the grandchild it may fork inherits the name
         os.setsid()                        # its own session and process group, for Child.kill()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0), os.dup2(output, 1), os.dup2(output, 2)
@@ -505,6 +500,7 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, r
                 os.setresgid(0, 0, 0)
                 os.setgroups([])
                 os.setresuid(0, 0, 0)
+                procfs.mark_forked()       # a change of credentials clears the death signal
         for kind in NAMESPACES:
             if kind in new and kind != "user":
                 unshare(kind)
@@ -525,6 +521,7 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, r
         else:
             if forks:
                 os.setpgid(0, 0)           # its own process group, for Child.kill()
+                procfs.mark_forked()       # a PID namespace's first process dies with the leader
             else:
                 _send(records, "pid", os.getpid())
             code = _target(target, args, new, hostname, env, records)
@@ -556,10 +553,8 @@ def _target(target, args, new, hostname, env, records):
 # --- named network namespaces -----------------------------------------------------------------
 
 def _named(name):
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}", name):
-        raise BadInput(f"{name!r} is not a usable name",
-                       fix="use letters, digits, '.', '-' and '_' (at most 48 characters)")
-    return name if name.startswith(names.PREFIX) else names.name(name)
+    return names.prefixed(names.check(name, "network namespace name", upper=True, punct="_.-",
+                                      most=48))
 
 
 class NetNS(Namespace):
@@ -587,7 +582,7 @@ class NetNS(Namespace):
         def read():
             with _iproute(self) as ipr:
                 return {link.get_attr("IFLA_IFNAME"): link.get("state") for link in ipr.get_links()}
-        return _off_the_loop(read)
+        return off_the_loop(read)
 
     def remove(self) -> None:
         """Delete it; removing twice, or after a sweep, is fine."""
@@ -621,12 +616,9 @@ def connect(a: NetNS, b: NetNS, address_a: str, address_b: str, *,
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         for space, name in ((a, names[0]), (b, names[1])):    # until the kernel says it is up
             with _iproute(space) as ipr:
-                deadline = time.monotonic() + 5
-                while ipr.get_links(ifname=name)[0].get_attr("IFLA_OPERSTATE") != "UP":
-                    if time.monotonic() > deadline:
-                        raise LabTimeout(f"the veth end {name} in {space.name} did not come up")
-                    time.sleep(0.01)
-    _off_the_loop(configure)
+                wait.until(lambda: ipr.get_links(ifname=name)[0].get_attr("IFLA_OPERSTATE") == "UP",
+                           5, f"the veth end {name} in {space.name} to come up", interval=0.01)
+    off_the_loop(configure)
 
 
 def ping(space: NetNS, address: str, count: int = 3) -> Result:
@@ -646,7 +638,7 @@ def _iproute(space):
     return IPRoute(netns=space.name)
 
 
-def _off_the_loop(work):
+def off_the_loop(work):
     """Run ``work()`` in a fresh thread: pyroute2's synchronous API runs an asyncio loop of its
     own, which fails in a thread that already runs one, like a Jupyter kernel's main thread."""
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Callable
 
-from helpers._core import libc, wait as waiting
+from helpers._core import libc, procfs, wait as waiting
 from helpers.errors import LabError
 
 OUTPUT_LIMIT = 16 * 2**20          # bytes of output kept; the rest is read and dropped
@@ -118,8 +118,21 @@ class Launch:
 
     def abandon(self):
         """Kill it and reap it (and its launcher), after a failure."""
+        if self.pid is None and self.up is not None and self.down is not None:
+            # interrupted before it told its pid: told nothing more, it reads end-of-file and
+            # exits, which ends the pipe too; it is our child, to reap (a zombie, else)
+            os.close(self.down)
+            self.down = None
+            data = _read(self.up, 4)
+            if len(data) == 4:
+                self.pid = int.from_bytes(data, "little")
         if self.pid is not None and self.out is not None:
+            if self.pidfd is None:        # interrupted between learning its pid and this
+                self.pidfd = os.pidfd_open(self.pid)
             self.kill()
+            if self.leader is not None:   # killed before its exec, it held the interpreter's
+                with contextlib.suppress(ProcessLookupError):   # lock in the launcher's memory:
+                    os.kill(self.leader, signal.SIGKILL)        # the launcher would wait forever
             self.wait()
         self._close()
 
@@ -212,6 +225,13 @@ def launch(work: Callable[[Link], None], before: Callable[[], None] | None = Non
     if leader == 0:
         code = 1
         try:
+            # The parent's ends go, here and so in the clone (a copy of these fds): once the
+            # parent dies, nothing holds ``down`` open, and the waiting container's process
+            # reads end-of-file and exits rather than block forever, an orphan. Both are named
+            # ``cnlab`` (the clone inherits it) until the exec, for helpers.leftovers().
+            for fd in (up_r, down_w, err_r, out_r):
+                os.close(fd)
+            procfs.mark_forked()
             if before is not None:
                 before()
             _spawn(child, flags)
