@@ -122,6 +122,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                     tw.write_line(f"  {key}: {reason}")
     else:
         tw.section("nothing was skipped: this machine ran every test and notebook")
+    guest = getattr(config, "_cnlab_v2guest", None)     # tests/test_v2guest.py's result
+    if guest:
+        tw.section("the cgroup v2 path, run for real in a v2-only guest")
+        tw.write_line(guest)
     leaked = getattr(config, "_cnlab_leaked", [])
     if leaked:
         tw.section("LEAKED: the run left these behind", red=True)

@@ -1,8 +1,12 @@
-"""helpers.cgroups: strict parsing, the v2 code on a fake cgroupfs, and real groups on this machine.
+"""helpers.cgroups: strict parsing, the v2 code on a fake cgroupfs and on a real one, and real
+groups on this machine.
 
 The real tests drive whatever this machine has (here: v1 controllers plus a controller-less
-cgroup2); the v2 limits are checked against ``FakeCgroupfs``, a tree in a temporary folder
-that answers mkdir and rmdir the way the kernel's cgroupfs does.
+cgroup2). The v2 API is checked twice (the ``v2`` fixture): against ``FakeCgroupfs``, a tree
+in a temporary folder that answers mkdir and rmdir the way the kernel's cgroupfs does, and
+against the kernel's own cgroup2 where the machine is v2-only with controllers: in the v2
+guest (tests/test_v2guest.py boots one and runs this file in it). The ``real_v2`` tests drive
+the v2 controllers themselves, so they too run there and are skipped, saying so, elsewhere.
 """
 import errno
 import os
@@ -61,11 +65,11 @@ def test_bad_cpu_amounts_say_the_accepted_forms(text):
     ({"cpu_weight": 10_001}, "cpu_weight"), ({"cpu_period": 10}, "cpu_period"),
     ({"cpus": 0.001}, "smallest quota"), ({"cpuset": "99"}, "cpuset"), ({"cpuset": "0-"}, "cpuset"),
     ({"memory": "64X"}, "memory")])
-def test_bad_limits_are_refused_before_anything_is_created(fake, limits, word):
-    before = sorted(fake.root.rglob("*"))
+def test_bad_limits_are_refused_before_anything_is_created(v2, limits, word):
+    before = sorted(v2.root.rglob("*"))
     with pytest.raises(BadInput, match=word):
-        Cgroup("bad", layout=fake.layout, **limits)
-    assert sorted(fake.root.rglob("*")) == before
+        Cgroup("bad", layout=v2.layout, **limits)
+    assert sorted(v2.root.rglob("*")) == before
 
 
 def test_bad_names_are_refused():
@@ -155,24 +159,72 @@ def fake(tmp_path, monkeypatch):
     return fs
 
 
-def test_v2_limits_go_to_the_v2_files(fake):
-    group = Cgroup("web", layout=fake.layout, memory="64M", cpus=0.5, cpu_weight=200, pids=20,
+V2_CONTROLLERS = {"memory", "cpu", "pids", "cpuset"}
+
+
+def _not_v2():
+    """Why this machine's kernel cannot run the v2 tests, or None."""
+    layout = cgroups.detect()
+    if layout.version != "v2" or not V2_CONTROLLERS <= set(layout.v2_controllers):
+        return (f"needs a cgroup v2 machine with the {', '.join(sorted(V2_CONTROLLERS))} controllers "
+                f"(this one is {layout.version}): runs in the v2 guest step (tests/test_v2guest.py)")
+    if os.geteuid() != 0:
+        return "needs root, to make cgroups"
+    return None
+
+
+class KernelCgroupfs:
+    """The kernel's cgroup2 hierarchy, where the tests of the fake one run too. What a test made
+    in it is removed after it (the fake tree goes with its temporary folder)."""
+
+    def __init__(self):
+        self.layout = cgroups.detect()
+        self.root = self.layout.v2
+        self.before = set(self.root.iterdir())
+
+    def remove_new(self):
+        made = [p for p in self.root.iterdir() if p.is_dir() and p not in self.before]
+        cgroups.remove_dirs(made)
+
+
+@pytest.fixture(params=["fake", pytest.param("kernel", marks=pytest.mark.requires("root"))])
+def v2(request):
+    """A cgroup2 hierarchy with the memory, cpu, pids and cpuset controllers: the fake tree, then
+    the kernel's (only on a v2-only machine: elsewhere skipped with the reason)."""
+    if request.param == "fake":
+        return request.getfixturevalue("fake")
+    why = _not_v2()
+    if why:
+        pytest.skip(why)
+    tree = KernelCgroupfs()
+    request.addfinalizer(tree.remove_new)
+    return tree
+
+
+def _text(path):
+    """A cgroup file's value: the kernel ends each with a newline, the fake tree does not."""
+    return path.read_text().strip()
+
+
+def test_v2_limits_go_to_the_v2_files(v2):
+    group = Cgroup("web", layout=v2.layout, memory="64M", cpus=0.5, cpu_weight=200, pids=20,
                    cpuset="0")
-    path = fake.root / "cnlab-web"
+    path = v2.root / "cnlab-web"
     assert group.paths == {"v2": path}
-    assert (fake.root / "cgroup.subtree_control").read_text() == "+memory +cpu +cpuset +pids"
-    assert group.settings == {str(path / name): (path / name).read_text() for name in
+    enabled = {c.lstrip("+") for c in _text(v2.root / "cgroup.subtree_control").split()}
+    assert V2_CONTROLLERS <= enabled                     # the kernel lists them without the +
+    assert group.settings == {str(path / name): _text(path / name) for name in
                               ("memory.max", "memory.swap.max", "cpu.max", "cpu.weight", "pids.max",
                                "cpuset.cpus")}
-    assert {name: (path / name).read_text() for name in
+    assert {name: _text(path / name) for name in
             ("memory.max", "memory.swap.max", "cpu.max", "cpu.weight", "pids.max", "cpuset.cpus")} == {
         "memory.max": "67108864", "memory.swap.max": "0", "cpu.max": "50000 100000",
         "cpu.weight": "200", "pids.max": "20", "cpuset.cpus": "0"}
 
 
-def test_v2_quota_uses_the_given_period(fake):
-    Cgroup("p", layout=fake.layout, cpus="1.5", cpu_period=20_000)
-    assert (fake.root / "cnlab-p" / "cpu.max").read_text() == "30000 20000"
+def test_v2_quota_uses_the_given_period(v2):
+    Cgroup("p", layout=v2.layout, cpus="1.5", cpu_period=20_000)
+    assert _text(v2.root / "cnlab-p" / "cpu.max") == "30000 20000"
 
 
 def test_v2_stats_are_read_from_the_kernel_files(fake):
@@ -190,14 +242,19 @@ def test_v2_stats_are_read_from_the_kernel_files(fake):
         cpu_periods=10, cpu_throttled=8, cpu_throttled_us=700000, pids_current=3, pids_refused=81)
 
 
-def test_limit_files_and_stats_of_any_process_s_folders(fake):
+def test_limit_files_of_any_process_s_folders(v2):
     """What of_process finds for a container on a v2-only machine: one folder, v2 files."""
-    group = Cgroup("c", layout=fake.layout, memory="512M", cpus=0.5, cpu_weight=20)
+    group = Cgroup("c", layout=v2.layout, memory="512M", cpus=0.5, cpu_weight=20)
     folders = {"v2": group.paths["v2"]}
     files = {path.name: text for path, text in cgroups.limit_files(folders).items()}
     assert files == {"memory.max": "536870912", "cpu.max": "50000 100000", "cpu.weight": "20",
                      "pids.max": "max"}
     assert cgroups.limits_in(folders) == {"memory": 512 << 20, "cpus": 0.5, "pids": None}
+
+
+def test_stats_of_any_process_s_folders(fake):
+    group = Cgroup("c", layout=fake.layout, memory="512M", cpus=0.5, cpu_weight=20)
+    folders = {"v2": group.paths["v2"]}
     (group.paths["v2"] / "cpu.stat").write_text("usage_usec 5\nnr_periods 3\nnr_throttled 2\n"
                                                  "throttled_usec 9\n")
     assert cgroups.stats_in(folders, fake.layout) == group.stats()
@@ -247,10 +304,10 @@ def test_a_setting_the_kernel_lacks_is_an_error_not_a_no_op(fake):
     assert not (fake.root / "cnlab-nobw").exists()     # the half-made group was removed
 
 
-def test_an_existing_group_is_not_silently_reused(fake):
-    Cgroup("twice", layout=fake.layout)
+def test_an_existing_group_is_not_silently_reused(v2):
+    Cgroup("twice", layout=v2.layout)
     with pytest.raises(LabError, match="already exists"):
-        Cgroup("twice", layout=fake.layout)
+        Cgroup("twice", layout=v2.layout)
 
 
 def test_v2_freeze_waits_for_the_kernel_to_report_frozen(fake):
@@ -423,6 +480,107 @@ def test_controller_less_v2_features_for_real(real):
     assert not path.exists()
 
 
+@pytest.fixture
+def real_v2():
+    """This machine's layout, if it is v2-only with controllers (the v2 guest); else a skip."""
+    why = _not_v2()
+    if why:
+        pytest.skip(why)
+    return cgroups.detect()
+
+
+def fork_until_refused(limit):
+    """Fork sleeping children until the kernel refuses one: (children made, the fork's errno)."""
+    children = []
+    try:
+        for _ in range(limit + 5):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            children.append(pid)
+        return len(children), None
+    except OSError as e:
+        return len(children), e.errno
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+@pytest.mark.requires("root")
+def test_real_v2_memory_max_oom_kills(real_v2):
+    with Cgroup("v2-oom", memory="32M") as group:
+        path = group.paths["v2"]
+        assert _text(path / "memory.max") == str(32 << 20)
+        result = ns.run(hog, cgroup=group, timeout=60)
+        events = cgroups._keyed(path / "memory.events")
+    assert (result.status, result.signal) == (137, 9)
+    assert events["oom_kill"] == 1 and events["max"] > 0    # it hit memory.max, then was killed
+
+
+@pytest.mark.requires("root")
+def test_real_v2_cpu_max_quota_throttles(real_v2):
+    with Cgroup("v2-quota", cpus=0.2) as group:
+        path = group.paths["v2"]
+        assert _text(path / "cpu.max") == "20000 100000"
+        before = cgroups._keyed(path / "cpu.stat")
+        ns.run(burn, 1.0, cgroup=group, timeout=60)
+        after = cgroups._keyed(path / "cpu.stat")
+    assert before["nr_throttled"] == 0 and after["nr_throttled"] >= 5   # of about 10 periods
+    assert after["nr_throttled"] <= after["nr_periods"] and after["throttled_usec"] > 0
+    assert after["usage_usec"] < 0.5e6                  # about 0.2 s of CPU in 1 s, not 1 s
+
+
+@pytest.mark.requires("root")
+def test_real_v2_pids_max_stops_a_fork(real_v2):
+    with Cgroup("v2-pids", pids=5) as group:
+        assert _text(group.paths["v2"] / "pids.max") == "5"
+        made, error = ns.run(fork_until_refused, 5, cgroup=group, timeout=60).value
+        events = cgroups._keyed(group.paths["v2"] / "pids.events")
+    assert (made, error) == (4, errno.EAGAIN)           # the forking process itself is the 5th
+    assert events["max"] == 1
+
+
+@pytest.mark.requires("root")
+def test_real_v2_cgroup_kill_kills_every_process(real_v2):
+    with Cgroup("v2-kill") as group:
+        path = group.paths["v2"]
+        child = ns.start(spawner, 3, cgroup=group)
+        cgroups._until(lambda: len(group.procs()) == 4, 10, "the spawner's children")
+        (path / "cgroup.kill").write_text("1")          # the kernel kills them all, forks included
+        cgroups._until(lambda: "populated 0" in (path / "cgroup.events").read_text(), 10,
+                       "the group to empty")
+        assert group.procs() == []
+        assert child.wait(10).status == 137
+
+
+@pytest.mark.requires("root")
+def test_real_v2_a_group_with_sub_groups_holds_no_processes(real_v2):
+    with Cgroup("v2-parent") as parent, Cgroup("leaf", parent=parent, pids=5):
+        with pytest.raises(LabError, match="add it to a sub-group"):
+            ns.run(lambda: None, cgroup=parent)
+
+
+@pytest.mark.requires("root")
+def test_real_v2_cgroup_freeze_stops_then_thaws(real_v2):
+    with Cgroup("v2-freeze") as group:
+        path = group.paths["v2"]
+        used = lambda: cgroups._keyed(path / "cpu.stat")["usage_usec"]  # noqa: E731
+        child = ns.start(burn, 60, cgroup=group)
+        cgroups._until(lambda: used() > 50_000, 20, "the burner to run")
+        group.freeze()
+        assert cgroups._keyed(path / "cgroup.events")["frozen"] == 1 and group.frozen
+        frozen_at = used()
+        time.sleep(0.5)
+        assert used() - frozen_at < 20_000               # frozen: no CPU time, though it burns
+        group.thaw()
+        cgroups._until(lambda: cgroups._keyed(path / "cgroup.events")["frozen"] == 0, 10, "the thaw")
+        cgroups._until(lambda: used() - frozen_at > 100_000, 20, "the burner to run again")
+        group.kill()
+        assert child.wait(10).status == 137
+
+
 @pytest.mark.requires("root")
 def test_v1_freeze_and_kill_without_cgroup_kill(real):
     if not real.v1:
@@ -467,8 +625,8 @@ def test_a_test_that_fails_midway_leaves_nothing(real):
 @pytest.mark.requires("root")
 def test_sweep_kills_and_removes_what_a_crash_left(real):
     group = Cgroup("crashed", cpus=0.5)
-    Cgroup("inner", parent=group)
-    child = ns.start(spawner, 2, cgroup=group)
+    inner = Cgroup("inner", parent=group)
+    child = ns.start(spawner, 2, cgroup=inner)          # v2: a group with sub-groups holds none
     cgroups.sweep(prefix="cnlab-crashed")               # only ours: others may be running
     assert _gone(group)
     assert child.wait(5).status == 137
@@ -482,3 +640,19 @@ def test_a_limit_this_machine_cannot_apply_is_refused_for_real(real):
     with pytest.raises(NotSupported, match="no memory controller"):
         Cgroup("nomem", layout=Layout(v2=real.v2, v2_controllers=real.v2_controllers), memory="64M")
     assert not (real.v2 / "cnlab-nomem").exists()
+
+
+def test_held_says_the_same_on_v1_and_v2(fake, tmp_path):
+    """A limit read back is in the course's units whichever files hold it: v2's here, and v1's
+    (cpu.shares 4096 is weight 400) in a folder laid out like a v1 group."""
+    group = Cgroup("held", layout=fake.layout, memory="64M", cpus=0.25, cpu_weight=400, pids=16)
+    v2 = cgroups.held(group.paths)
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    for name, text in {"memory.limit_in_bytes": "67108864", "cpu.cfs_quota_us": "25000",
+                       "cpu.cfs_period_us": "100000", "cpu.shares": "4096", "pids.max": "16"}.items():
+        (v1 / name).write_text(text + "\n")
+    assert v2 == cgroups.held({"memory": v1, "cpu": v1, "pids": v1}) == {
+        "memory": 64 << 20, "cpus": 0.25, "pids": 16, "cpu_weight": 400}
+    assert cgroups.held({"v2": Cgroup("free", layout=fake.layout).paths["v2"]}) == {
+        "memory": None, "cpus": None, "pids": None, "cpu_weight": 100}

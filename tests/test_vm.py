@@ -108,7 +108,9 @@ def test_auto_does_not_try_kvm_without_dev_kvm(fresh_verdict, monkeypatch):
 
 @pytest.mark.parametrize("options", [{"memory": "lots"}, {"memory": 32}, {"memory": "100T"},
                                      {"accel": "xen"}, {"share": "/nonexistent"}, {"timeout": 0},
-                                     {"append": "a\nb"}])
+                                     {"append": "a\nb"}, {"share": [vm.Share(Path("/"), "mnt")]},
+                                     {"share": [vm.Share(Path("/"), "/a b")]}, {"cpus": 0},
+                                     {"cpus": 999}, {"modules": "veth"}, {"tcg_cpu": "max;x"}])
 def test_bad_input_fails_before_anything_starts(options):
     with pytest.raises(BadInput):
         vm.VM(**options)

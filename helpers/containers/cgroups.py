@@ -25,8 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers._core import names, owners
-from helpers.errors import BadInput, LabError, LabTimeout, NotSupported
+from helpers._core import names, owners, procfs, wait
+from helpers.errors import BadInput, LabError, NotSupported
 
 
 @dataclass(frozen=True)
@@ -49,23 +49,20 @@ class Layout:
         return "v1" if controller in self.v1 else None
 
 
-def detect(mountinfo="/proc/self/mountinfo"):
+def detect(mountinfo=None):
+    """This machine's Layout (or that of the mountinfo file ``mountinfo``: a test's)."""
     v1, v2 = {}, None
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype, point, options = fields[sep + 1], fields[4], fields[sep + 3].split(",")
-            if fstype == "cgroup2" and v2 is None:
-                v2 = Path(point)
-            elif fstype == "cgroup":
-                for opt in options:
-                    if opt.startswith("name="):
-                        continue
-                    if opt not in ("rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec",
-                                   "clone_children", "noprefix", "xattr") \
-                            and not opt.startswith("release_agent="):
-                        v1.setdefault(opt, Path(point))
+    for mount in procfs.mounts(table=mountinfo):
+        if mount.fstype == "cgroup2" and v2 is None:
+            v2 = Path(mount.point)
+        elif mount.fstype == "cgroup":
+            for opt in mount.super_options.split(","):
+                if opt.startswith("name="):
+                    continue
+                if opt not in ("rw", "ro", "relatime", "noatime", "nosuid", "nodev", "noexec",
+                               "clone_children", "noprefix", "xattr") \
+                        and not opt.startswith("release_agent="):
+                    v1.setdefault(opt, Path(mount.point))
     controllers = ()
     if v2 is not None:
         try:
@@ -240,14 +237,14 @@ class Cgroup:
             available = set(_read(self.paths["v2"].parent / "cgroup.controllers").split())
             wanted = [c for c in _V2_USED if c in available]
             if wanted:     # a v2 group only has the controllers its parent hands down
-                _write(self.paths["v2"].parent / "cgroup.subtree_control",
-                       " ".join(f"+{c}" for c in wanted))
+                write(self.paths["v2"].parent / "cgroup.subtree_control",
+                      " ".join(f"+{c}" for c in wanted))
         for path in self.dirs:
             os.mkdir(path)
         cpuset = self.paths.get("cpuset")
         if cpuset:         # a v1 cpuset starts empty, and an empty cpuset takes no tasks
             for name in ("cpuset.cpus", "cpuset.mems"):
-                _write(cpuset / name, (cpuset.parent / name).read_text().strip())
+                write(cpuset / name, (cpuset.parent / name).read_text().strip())
         self._apply()
 
     def _apply(self):
@@ -256,7 +253,7 @@ class Cgroup:
 
         def put(controller, name, value, optional=False):
             path = self._dir(controller) / name
-            if _write(path, value, optional=optional):
+            if write(path, value, optional=optional):
                 self.settings[str(path)] = str(value)
 
         if lim.memory is not None:
@@ -289,10 +286,14 @@ class Cgroup:
         """Move a process (default: the one calling, e.g. a forked child) into the group."""
         for path in self.dirs:
             try:
-                _write(path / "cgroup.procs", pid)
+                write(path / "cgroup.procs", pid)
             except LabError as e:
-                raise LabError(f"cannot move pid {pid} into {path}: {e.__cause__}",
-                               fix="is the process still running, and the group not removed?") from e
+                inner = (path == self.paths.get("v2") and isinstance(e.__cause__, OSError)
+                         and e.__cause__.errno == errno.EBUSY)   # v2's no-internal-process rule
+                fix = ("on cgroup v2 a group that hands the memory or io controller down to "
+                       "sub-groups holds no processes itself: add it to a sub-group") if inner else \
+                    "is the process still running, and the group not removed?"
+                raise LabError(f"cannot move pid {pid} into {path}: {e.__cause__}", fix=fix) from e
 
     def procs(self):
         """The pids in the group (as seen from this process's PID namespace)."""
@@ -321,18 +322,18 @@ class Cgroup:
         """Stop every process in the group until ``thaw()``; return when they all are stopped."""
         kind, path = self._freezer()
         if kind == "v2":
-            _write(path / "cgroup.freeze", 1)
+            write(path / "cgroup.freeze", 1)
             _until(lambda: _keyed(path / "cgroup.events").get("frozen") == 1, timeout, f"{path} to freeze")
         else:
-            _write(path / "freezer.state", "FROZEN")
+            write(path / "freezer.state", "FROZEN")
             _until(lambda: _read(path / "freezer.state").strip() == "FROZEN", timeout, f"{path} to freeze")
 
     def thaw(self):
         kind, path = self._freezer()
         if kind == "v2":
-            _write(path / "cgroup.freeze", 0)
+            write(path / "cgroup.freeze", 0)
         else:
-            _write(path / "freezer.state", "THAWED")
+            write(path / "freezer.state", "THAWED")
 
     @property
     def frozen(self):
@@ -372,15 +373,12 @@ class Cgroup:
 def _named(name):
     if name is None:
         return names.name("cg", uuid.uuid4().hex[:12])
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        raise BadInput(f"{name!r} is not a usable cgroup name",
-                       fix="use letters, digits, '.', '-' and '_' (at most 64 characters)")
-    return name if name.startswith(names.PREFIX) else names.name(name)
+    return names.prefixed(names.check(name, "cgroup name", upper=True, punct="_.-", most=64))
 
 
 # --- files ------------------------------------------------------------------------------------
 
-def _write(path, *values, optional=False):
+def write(path, *values, optional=False):
     """Write each value to an existing cgroup file, one write(2) each (a devices.allow reads one
     rule a write); True when written. No such file: the kernel lacks the feature (NotSupported,
     or False when ``optional``); EINVAL: it refused the value."""
@@ -444,12 +442,8 @@ def _tree(path):
 
 
 def _until(done, timeout, what):
-    deadline, delay = time.monotonic() + timeout, 0.002
-    while not done():
-        if time.monotonic() > deadline:
-            raise LabTimeout(f"gave up waiting for {what} after {timeout} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+    """Poll the kernel's cgroup files: a first look after 2 ms, then no more than every 0.1 s."""
+    return wait.until(done, timeout, what, interval=0.002, backoff=0.1)
 
 
 def _kill_trees(paths, timeout):
@@ -459,10 +453,10 @@ def _kill_trees(paths, timeout):
     for path in paths:
         if (path / "cgroup.kill").exists():
             with contextlib.suppress(FileNotFoundError):
-                _write(path / "cgroup.kill", 1)
+                write(path / "cgroup.kill", 1)
         if (path / "freezer.state").exists():
             with contextlib.suppress(NotSupported):
-                _write(path / "freezer.state", "THAWED")
+                write(path / "freezer.state", "THAWED")
 
     def empty():
         left = [pid for path in paths for sub in _tree(path) for pid in _pids(sub)]
@@ -487,20 +481,28 @@ def remove_dirs(paths, timeout=_BUSY_TIMEOUT):
 def _remove_tree(path, timeout):
     deadline = time.monotonic() + timeout
     for sub in _tree(path):
-        delay = 0.005
-        while True:
+        busy: list[OSError] = []
+
+        def removed():
             try:
                 os.rmdir(sub)
-                break
             except FileNotFoundError:
-                break
+                pass
             except OSError as e:
-                if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise LabError(f"cannot remove cgroup {sub}: {e.strerror}",
-                                   fix="see which processes are left in its cgroup.procs, "
-                                       "then run helpers.cleanup()") from e
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
+                if e.errno != errno.EBUSY:
+                    raise _unremovable(sub, e) from e
+                busy[:] = [e]
+                return False
+            return True
+        wait.until(removed, wait.remaining(deadline), f"cgroup {sub} to be removed", interval=0.005,
+                   backoff=0.2, error=lambda: _unremovable(sub, busy[0]))
+
+
+def _unremovable(sub, e):
+    error = LabError(f"cannot remove cgroup {sub}: {e.strerror}",
+                     fix="see which processes are left in its cgroup.procs, then run helpers.cleanup()")
+    error.__cause__ = e
+    return error
 
 
 def of_process(pid):
@@ -597,16 +599,11 @@ def sample(groups, seconds, every=0.1):
         time.sleep(min(every, max(0.0, seconds - elapsed)))
 
 
-def _hierarchies(mountinfo="/proc/self/mountinfo"):
+def _hierarchies():
     """Every mounted cgroup hierarchy, v2 first, named ones (name=systemd) included."""
-    points = []
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fstype in ("cgroup2", "cgroup"):
-                points.append((fstype != "cgroup2", Path(fields[4])))
-    return [point for _, point in sorted(set(points))]
+    points = {(m.fstype != "cgroup2", Path(m.point)) for m in procfs.mounts()
+              if m.fstype in ("cgroup2", "cgroup")}
+    return [point for _, point in sorted(points)]
 
 
 @owners.sweeper(owners.KERNEL + 5)
@@ -620,3 +617,14 @@ def sweep(prefix=names.PREFIX):
             ours += [Path(top) / d for d in mine]
             dirs[:] = [d for d in dirs if d not in mine]     # their insides go with them
     remove_dirs(ours)
+
+
+def held(folders):
+    """The limits the kernel holds for a group, in words that are the same on v1, v2 and hybrid:
+    ``limits_in``'s memory (bytes), cpus and pids, and cpu_weight on v2's scale (v1's cpu.shares
+    read back: 1024 is 100). ``folders``: a Cgroup's ``paths``, or a process's (``of_process``).
+    Which files hold them is the layout's business: a Cgroup's ``settings`` names them."""
+    words = {path.name: text.split() for path, text in limit_files(folders).items()}
+    weight, shares = words.get("cpu.weight"), words.get("cpu.shares")
+    return {**limits_in(folders),
+            "cpu_weight": int(weight[0]) if weight else round(int(shares[0]) * 100 / 1024) if shares else None}

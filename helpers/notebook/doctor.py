@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from helpers.containers import cgroups, ns
 from helpers._core.names import CACHE
+from helpers.errors import NotSupported
 
 # What a notebook or test may declare in ``requires``, and the capabilities each one needs.
 REQUIREMENTS = {
@@ -116,6 +117,8 @@ def _kvm():
     except OSError as e:
         return Check(False, f"{e.strerror} ({e.filename or '/dev/kvm'}): KVM needs /dev/kvm and root "
                             "(on a cloud VM, a machine type with nested virtualization)")
+    except NotSupported as e:      # no /dev/kvm at all, or a KVM API this hypervisor does not speak
+        return Check(False, str(e))
     found = kvm.backend()
     how = found.extension or "no VT-x/AMD-V: a software KVM"
     return Check(True, f"a VM was created ({found.module or 'kvm'}, {how})",

@@ -7,8 +7,9 @@ seconds and falls back to TCG, and says why: on the course's machines QEMU with 
 boot Linux (nested virtualization).
 
 The guest talks on two serial ports: ttyS0 is the kernel's console (kept, to show and to put
-in errors) and ttyS1 carries commands and their results. A host folder can be shared into the
-guest with virtiofs (Debian's cloud kernel has no 9p at all, but has virtiofs as modules)::
+in errors) and ttyS1 carries commands and their results. Host folders can be shared into the
+guest with virtiofs (Debian's cloud kernel has no 9p at all, but has virtiofs as modules): one
+at ``/mnt/host``, or several ``Share``s, each where the guest should mount it::
 
     with vm.VM() as guest:
         print(guest.accel, guest.fallback_reason)
@@ -25,6 +26,7 @@ import re
 import secrets
 import select
 import shutil
+import signal
 import socket
 import struct
 import threading
@@ -55,11 +57,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo; echo "cnlab-init: up $(cut -d' ' -f1 /proc/uptime) s"
-case " $(cat /proc/cmdline) " in *" cnlab.share "*)
-    for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m"; done
-    mkdir -p /mnt/host
-    mount -t virtiofs host0 /mnt/host || { echo "cnlab: the shared folder did not mount"; poweroff -f; } ;;
-esac
+for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m"; done
+# each cnlab.share=<tag>:<mount point>:<ro|rw> on the kernel command line, in order
+for share in $(cat /proc/cmdline); do case "$share" in cnlab.share=*)
+    share=${share#cnlab.share=}; tag=${share%%:*}; mode=${share##*:}; at=${share#*:}; at=${at%:*}
+    mkdir -p "$at"
+    mount -t virtiofs -o "$mode" "$tag" "$at" || { echo "cnlab: $at did not mount"; poweroff -f; } ;;
+esac; done
 # ttyS1: one base64 command per line in; its output (base64) and exit status out.
 exec 3<>/dev/ttyS1
 stty raw -echo <&3
@@ -91,6 +95,38 @@ class BootFailed(LabError):
         self.status, self.why = status, why
         super().__init__(f"QEMU exited (status {status}) before the guest's init: {why}",
                          fix="read the VM's console (guest.console) and QEMU's messages")
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """A host folder the guest mounts with virtiofs at ``at``; ``readonly`` for the guest's mount.
+
+    A read-only share is read-only on the host's side too: virtiofsd serves a read-only bind
+    mount of the folder, made in a mount namespace of its own (so it is nothing on the host to
+    sweep). That bind is not recursive: it shares the folder's own file system, not the ones
+    mounted beneath it (sharing "/" does not share the host's /proc, /sys or /dev). It is also
+    cached by the guest (virtiofsd's ``cache=always``): the guest may keep what it read, which
+    makes imports from a shared Python many times faster. A writable share is not cached
+    (``cache=none``): what either side writes, the other sees at once.
+    """
+    folder: Path
+    at: str = GUEST_SHARE
+    readonly: bool = False
+
+
+def _shares(share):
+    """``share=`` as a list of Shares: a folder is one writable Share at /mnt/host."""
+    if share is None:
+        return []
+    given = [share] if isinstance(share, (str, PathLike, Share)) else list(share)
+    shares = [s if isinstance(s, Share) else Share(Path(s)) for s in given]
+    for s in shares:
+        if not Path(s.folder).is_dir():
+            raise BadInput(f"share={s.folder!r} is not a folder", fix="give an existing host folder")
+        if not re.fullmatch(r"/[^\s:]*", s.at):
+            raise BadInput(f"the mount point {s.at!r} is not an absolute guest path",
+                           fix="give a path like /mnt/host, without spaces or ':'")
+    return [dataclasses.replace(s, folder=Path(s.folder).resolve()) for s in shares]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,26 +206,39 @@ class VM:
 
     Keyword-only options: ``memory`` (MiB or "256M"), ``accel`` ("auto", "kvm" or "tcg"),
     ``append`` (more kernel command line, e.g. "cgroup_no_v1=all"), ``share`` (a host folder,
-    mounted at ``/mnt/host`` in the guest; needs root for virtiofsd), ``timeout`` (seconds
-    for the boot to reach init).
+    mounted at ``/mnt/host`` in the guest, or a list of ``Share``s, mounted in that order;
+    needs root for virtiofsd), ``cpus`` (virtual CPUs; under TCG each is a host thread),
+    ``modules`` (more of the guest kernel's modules to load at boot, e.g. "veth", "overlay"),
+    ``tcg_cpu`` (the CPU model TCG emulates: "max" has every instruction set extension it can do,
+    which programs built for newer CPUs need, e.g. numpy; the default is QEMU's baseline qemu64),
+    ``timeout`` (seconds for the boot to reach init).
 
     While it runs, QEMU is ``-name cnlab-vm-<id>`` and its sockets live in
     ``/run/cnlab/vm/<id>``: ``sweep()`` finds both after a crash.
     """
 
     def __init__(self, *, memory: int | str = "256M", accel: str = "auto", append: str = "",
-                 share: str | PathLike[str] | None = None, timeout: float = 60.0) -> None:
+                 share: str | PathLike[str] | Share | list[Share] | None = None, cpus: int = 1,
+                 modules: tuple[str, ...] = (), tcg_cpu: str | None = None,
+                 timeout: float = 60.0) -> None:
         self.mib = _mebibytes(memory)
         if accel not in ("auto", "kvm", "tcg"):
             raise BadInput(f"accel={accel!r} is not an accelerator", fix='use "auto", "kvm" or "tcg"')
         if not isinstance(append, str) or "\n" in append:
             raise BadInput(f"append={append!r} is not a kernel command line", fix="give one line of text")
-        if share is not None and not Path(share).is_dir():
-            raise BadInput(f"share={share!r} is not a folder", fix="give an existing host folder")
+        self.shares = _shares(share)
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= (os.cpu_count() or 1):
+            raise BadInput(f"cpus={cpus!r} is not a number of virtual CPUs",
+                           fix=f"give 1 to this machine's {os.cpu_count()}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise BadInput(f"timeout={timeout!r} is not a positive number of seconds")
-        self.wanted, self.append, self.timeout = accel, append, float(timeout)
-        self.share = Path(share).resolve() if share is not None else None
+        if isinstance(modules, str) or not all(isinstance(m, str) and m.isidentifier() for m in modules):
+            raise BadInput(f"modules={modules!r} is not a list of module names", fix='e.g. ("veth", "overlay")')
+        if tcg_cpu is not None and not re.fullmatch(r"[\w.-]+", str(tcg_cpu)):
+            raise BadInput(f"tcg_cpu={tcg_cpu!r} is not a CPU model", fix='e.g. "max" (see qemu-system-x86_64 -cpu help)')
+        self.wanted, self.append, self.cpus, self.timeout = accel, append, cpus, float(timeout)
+        self.tcg_cpu = tcg_cpu
+        self.modules = tuple(modules) + (SHARE_MODULES if self.shares else ())
         # known once started: the accelerator used ("kvm" or "tcg"), why not KVM, QEMU's name, folder
         # and argv, and the seconds to the guest's init (from starting QEMU, and as the guest saw it)
         self.accel: str | None = None
@@ -200,7 +249,8 @@ class VM:
         self.init_seconds: float | None = None
         self.guest_init_seconds: float | None = None
         self.console = collections.deque(maxlen=500)   # the kernel console's last lines
-        self._proc = self._virtiofsd = self._serial = self._console = self._reader = None
+        self._proc = self._serial = self._console = self._reader = None
+        self._virtiofsds: list[daemon.Daemon] = []
         self._status = self._rusage = None
 
     # -- life cycle ---------------------------------------------------------------------
@@ -213,9 +263,9 @@ class VM:
             raise MissingKernel(moddir)
         if shutil.which(QEMU) is None:
             raise MissingTool(QEMU, package="qemu-system-x86")
-        if self.share is not None and os.geteuid() != 0:
+        if self.shares and os.geteuid() != 0:
             raise NeedsRoot("sharing a folder into a VM (virtiofsd)")
-        self._initrd = initramfs.build(INIT, modules=initramfs.modules(SHARE_MODULES, moddir))
+        self._initrd = initramfs.build(INIT, modules=initramfs.modules(self.modules, moddir))
         self.fallback_reason = _boot(self._launch, self.wanted, self.timeout)
         return self
 
@@ -245,11 +295,13 @@ class VM:
         if self._proc is not None:
             if self._poll() is None:
                 self._proc.kill()
-                _, status, self._rusage = os.wait4(self._proc.pid, 0)
-                self._status = self._proc.returncode = os.waitstatus_to_exitcode(status)
-        if self._virtiofsd is not None:
-            self._virtiofsd.kill()
-            self._virtiofsd = None
+                status = None
+                with contextlib.suppress(ChildProcessError):     # a sweep reaped it meanwhile
+                    _, status, self._rusage = os.wait4(self._proc.pid, 0)
+                self._status = self._proc.returncode = (
+                    -signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status))
+        while self._virtiofsds:
+            self._virtiofsds.pop().kill()
         for conn in (self._serial, self._console):
             if conn is not None:
                 with contextlib.suppress(OSError):   # wakes the console thread's recv()
@@ -265,7 +317,11 @@ class VM:
         if self._status is None and self._proc.returncode is not None:
             self._status = self._proc.returncode     # reaped by Popen already: no rusage
         if self._status is None:
-            pid, status, usage = os.wait4(self._proc.pid, os.WNOHANG)
+            try:
+                pid, status, usage = os.wait4(self._proc.pid, os.WNOHANG)
+            except ChildProcessError:     # reaped by a sweep (procfs.kill), which killed it
+                self._status = self._proc.returncode = -signal.SIGKILL
+                return self._status
             if pid:
                 self._status = self._proc.returncode = os.waitstatus_to_exitcode(status)
                 self._rusage = usage
@@ -356,19 +412,21 @@ class VM:
     def _argv(self, accel):
         cmdline = ["console=ttyS0", "quiet", "panic=-1"]
         argv = [QEMU, "-name", self.name, "-nodefaults", "-nographic", "-no-reboot",
-                "-accel", accel, *(["-cpu", "host"] if accel == "kvm" else []),
-                "-smp", "1", "-m", f"{self.mib}M", "-kernel", str(KERNEL),
+                "-accel", accel, *(["-cpu", "host"] if accel == "kvm" else
+                                   ["-cpu", self.tcg_cpu] if self.tcg_cpu else []),
+                "-smp", str(self.cpus), "-m", f"{self.mib}M", "-kernel", str(KERNEL),
                 "-initrd", str(self._initrd)]
         for channel in ("console", "serial"):   # ttyS0, ttyS1, in this order
             argv += ["-chardev", f"socket,id={channel},path={self.dir / channel}.sock",
                      "-serial", f"chardev:{channel}"]
-        if self.share is not None:
+        if self.shares:
             argv += self._virtiofs()
-            cmdline.append("cnlab.share")
+            cmdline += [f"cnlab.share=host{i}:{s.at}:{'ro' if s.readonly else 'rw'}"
+                        for i, s in enumerate(self.shares)]
         return argv + ["-append", " ".join(cmdline + self.append.split())]
 
     def _virtiofs(self):
-        """Start virtiofsd on the shared folder; return QEMU's arguments for its device.
+        """Start a virtiofsd for each shared folder; return QEMU's arguments for their devices.
 
         vhost-user lets virtiofsd read and write the guest's RAM directly, so that RAM must
         be a shared memory file (memfd) rather than QEMU's private memory.
@@ -376,15 +434,24 @@ class VM:
         program = next((p for p in VIRTIOFSD if os.access(p, os.X_OK)), None)
         if program is None:
             raise MissingTool("virtiofsd", package="virtiofsd")
-        path = self.dir / "fs.sock"
-        self._virtiofsd = daemon.Daemon(
-            [program, f"--socket-path={path}", "-o", f"source={self.share}", "-o", "cache=none"],
-            log=self.dir / "virtiofsd.log", what="virtiofsd")
-        self._virtiofsd.start(path.exists, timeout=5)
-        return ["-chardev", f"socket,id=fs,path={path}",
-                "-device", "vhost-user-fs-pci,chardev=fs,tag=host0",
-                "-object", f"memory-backend-memfd,id=mem,size={self.mib}M,share=on",
-                "-machine", "memory-backend=mem"]
+        argv = []
+        for i, share in enumerate(self.shares):
+            path, source, wrap = self.dir / f"fs{i}.sock", share.folder, []
+            if share.readonly:      # a read-only bind of it, in a mount namespace of virtiofsd's own
+                source = self.dir / f"fs{i}"
+                source.mkdir()
+                wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"',
+                        "sh", str(share.folder), str(source)]
+            self._virtiofsds.append(daemon.Daemon(
+                [*wrap, program, f"--socket-path={path}", "-o", f"source={source}",
+                 "-o", f"cache={'always' if share.readonly else 'none'}"],
+                log=self.dir / f"virtiofsd{i}.log", what="virtiofsd"))
+            self._virtiofsds[-1].start(path.exists, timeout=5)
+            argv += ["-chardev", f"socket,id=fs{i},path={path}",
+                     "-device", f"vhost-user-fs-pci,chardev=fs{i},tag=host{i}"]
+        return argv + ["-object", f"memory-backend-memfd,id=mem,size={self.mib}M,share=on",
+                       "-machine", "memory-backend=mem"]
 
     def _check(self):
         """Raise if QEMU has exited: BootFailed while booting, LabError once init was up."""
