@@ -130,3 +130,50 @@ def test_a_leak_a_fixture_sweeps_up_still_fails_its_test(pytester, monkeypatch):
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["left behind, and swept by a fixture: *"
                                  f"helpers.containers.ns.sweep() removed netns cnlab-sweptup-{os.getpid()}*"])
+
+
+def _compared(source, text):
+    return nbformat.v4.new_code_cell(source, execution_count=1, outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text=text)])
+
+
+@pytest.mark.parametrize("text, word", [
+    ("/sys/fs/cgroup/memory/cnlab-lab22-memory/memory.limit_in_bytes = 67108864\n", "memory.limit_in_bytes"),
+    ("cpu.cfs_quota_us 50000\n", "cpu.cfs_quota_us"),
+    ("cnlab-lab22-light {'cpu.shares': '1024'}\n", "cpu.shares"),
+    ("9:name=systemd:/\n8:pids:/\n0::/\n", "9:name=systemd:/"),
+    ("memory  /sys/fs/cgroup/memory/docker/abc\n", "/sys/fs/cgroup/memory"),
+    ("accelerator: tcg\n", "accelerator: tcg"),
+    ("accelerator: kvm\n", "accelerator: kvm"),
+    ("SeaBIOS (version 1.16.2-debian-1.16.2-1)\n", "SeaBIOS"),
+    ("guest kernel: 6.1.0-57-cloud-amd64\n", "6.1.0-57-cloud-amd64"),
+    ("kernel 6.18.44-fc-v669\n", "6.18.44-fc-v669"),
+])
+def test_a_compared_output_that_describes_the_machine_is_rejected(tmp_path, text, word):
+    path = _notebook(tmp_path, _compared("print(facts)", text))
+    found = labs.problems(path)
+    assert len(found) == 1 and found[0].startswith(f"code cell 1: its compared output names {word!r}"), found
+    assert "NBVAL_IGNORE_OUTPUT" in found[0] and "# why:" in found[0]
+
+
+def test_the_same_output_excused_or_in_a_lax_notebook_is_not_rejected(tmp_path):
+    text = "memory.limit_in_bytes = 67108864\naccelerator: tcg\n"
+    excused = _compared("# NBVAL_IGNORE_OUTPUT\n# why: the files are this machine's layout\nprint(facts)", text)
+    assert labs.problems(_notebook(tmp_path, excused)) == []
+    path = _notebook(tmp_path, _compared("print(facts)", text))
+    nb = json.loads(path.read_text())
+    nb["metadata"]["cnlab"]["nbval"] = "lax"
+    path.write_text(json.dumps(nb))
+    assert labs.problems(path) == []
+
+
+@pytest.mark.parametrize("text", [
+    "memory limit the kernel holds for the group: 64 MiB\n",            # the lesson, in any layout
+    "cnlab-lab22-light | CPU weight the kernel holds: 100\n",
+    "/sys/fs/cgroup/cnlab-web/memory.max = 67108864\n",                 # a v2 file is no v1 word
+    "KVM_EXIT_IO, direction out, port 0x3f8\n",                         # the KVM API is a lesson
+    "containerd 1.6.20~ds1, etcd 3.4.23, runc 1.1.5\n",
+    "the firmware printed its banner before our init's marker: True\n",
+])
+def test_an_output_that_states_the_lesson_passes(tmp_path, text):
+    assert labs.problems(_notebook(tmp_path, _compared("print(lesson)", text))) == []

@@ -35,6 +35,27 @@ def test_hosted_workflow_creates_a_kind_cluster_then_builds_and_tests():
     assert pages["with"]["path"] == "_build/html"
 
 
+def test_hosted_workflow_prepares_the_runner_before_make_and_says_why():
+    """What ubuntu-24.04 needs beyond `make test` (cgroup v2 only, docker-ce, usually KVM) is in
+    the workflow, before the first `make`, each with a comment that says why."""
+    text = (ROOT / ".github" / "workflows" / "course.yml").read_text()
+    steps = yaml.safe_load(text)["jobs"]["book-and-test"]["steps"]
+    assert yaml.safe_load(text)["jobs"]["book-and-test"]["runs-on"] == "ubuntu-24.04"
+    first_make = next(i for i, s in enumerate(steps) if re.search(r"\bmake (book|test)\b", s.get("run", "")))
+    before = "\n".join(s.get("run", "") for s in steps[:first_make])
+    for command in ("sysctl -w fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512",
+                    "modprobe -a ip_vs", "modprobe -a nf_tables br_netfilter", "swapoff -a",
+                    'KERNEL=="kvm", GROUP="kvm", MODE="0666"', "udevadm trigger --name-match=kvm"):
+        assert command in before, f"the runner is not prepared with {command!r} before make"
+    lines = [line.strip() for line in text.splitlines() if line.strip() != "run: |"]
+    for command in ("sudo sysctl -w", "sudo modprobe -a ip_vs", "sudo modprobe -a nf_tables",
+                    "run: sudo swapoff -a", "if [ -e /dev/kvm ]"):
+        at = next(i for i, line in enumerate(lines) if line.startswith(command))
+        assert lines[at - 1].startswith("#"), f"{command}: no comment right above it says why"
+    for step in steps[first_make:first_make + 2]:            # the course needs root; kind's config too
+        assert step["run"].startswith('sudo --preserve-env=KUBECONFIG env "PATH=$PATH" make ')
+
+
 def test_every_toc_entry_exists_and_every_lab_is_in_the_book():
     files = toc_files()
     for f in files:

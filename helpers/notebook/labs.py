@@ -19,6 +19,21 @@ from helpers._core.names import LABS, ROOT
 # and the line after it says why: "# why: ...".
 EXCUSES = ("# NBVAL_IGNORE_OUTPUT", "# NBVAL_SKIP", "# NBVAL_RAISES_EXCEPTION")
 
+# Words that only describe the machine that ran a lab: a compared output naming one passes on
+# this machine only, and fails on a cgroup-v2 laptop or a runner whose QEMU has KVM.
+MACHINE_WORDS = tuple((re.compile(pattern, re.MULTILINE), what) for pattern, what in (
+    (r"\b(?:memory\.(?:limit_in_bytes|max_usage_in_bytes|usage_in_bytes|oom_control|memsw\.\w+)"
+     r"|cpu\.cfs_(?:quota|period)_us|cpu\.shares|cpuacct\.\w+|blkio\.\w+|freezer\.state"
+     r"|devices\.(?:allow|deny|list))\b", "a cgroup v1 file"),
+    (r"/sys/fs/cgroup/(?:unified|systemd|memory|cpu|cpuacct|cpu,cpuacct|cpuset|pids|blkio|devices"
+     r"|freezer|net_cls|net_prio|perf_event|hugetlb|rdma|misc)(?![\w.,])", "a cgroup v1 hierarchy path"),
+    (r"^\d+:(?:name=)?\w[\w,=]*:/", "a cgroup v1 line of /proc/<pid>/cgroup"),
+    (r"(?i)\baccel(?:erator)?\b[ :=]+(?:tcg|kvm)\b|\bVM \((?:tcg|kvm)\)|\bkvm_(?:pvm|intel|amd)\b"
+     r"|failed to set MSR", "the QEMU accelerator"),
+    (r"\bSeaBIOS\b|\bOVMF\b|\bEDK II\b", "the firmware"),
+    (r"(?<![\w.])[3-9]\.\d+\.\d+-[\w.~+-]*[a-z][\w.~+-]*", "a kernel release"),
+))
+
 
 @dataclass(frozen=True)
 class Lab:
@@ -65,7 +80,29 @@ def problems(path):
             or "# NBVAL_RAISES_EXCEPTION" in lines
         if not expected and any(o.get("output_type") == "error" for o in cell.get("outputs", ())):
             found.append(f"code cell {i}: an error output in a cell not tagged raises-exception")
+        words = machine_words(_text(cell)) if lab.nbval == "strict" \
+            and not any(marker in lines for marker in EXCUSES[:2]) else []
+        if words:
+            found.append(f"code cell {i}: its compared output names "
+                         + ", ".join(f"{word!r} ({what})" for word, what in words)
+                         + ": that describes this machine, not the lesson; show it in a cell excused with "
+                           "NBVAL_IGNORE_OUTPUT and '# why: ...', and print (and assert) what is the same "
+                           "on cgroup v1, v2 and hybrid, with KVM or TCG")
     return found
+
+
+def _text(cell):
+    """What nbval compares of a cell: its streams and plain-text results."""
+    parts = []
+    for output in cell.get("outputs", ()):
+        for text in (output.get("text", ""), output.get("data", {}).get("text/plain", "")):
+            parts.append("".join(text) if isinstance(text, list) else text)
+    return "".join(parts)
+
+
+def machine_words(text):
+    """The first word of each MACHINE_WORDS kind found in ``text``: [(word, what it is)]."""
+    return [(match[0], what) for pattern, what in MACHINE_WORDS if (match := pattern.search(text))]
 
 
 _USED_IN = re.compile(r"^Used in: (?P<labs>.+?)\.$", re.MULTILINE)
