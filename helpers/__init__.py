@@ -12,22 +12,23 @@ cheap: each is imported when first used::
 import importlib
 
 from helpers.errors import (BadInput, LabError, LabTimeout, MissingTool, NeedsRoot, NotFound,
-                            NotSupported, Refused, Unavailable)
+                            NotSupported, QuorumLost, Refused, Unavailable)
 from helpers._core.owners import cleanup, leftovers
 
 # The short names the labs use, and where each module lives.
 MODULES = {
     "resources": "helpers._core.names",
-    **{m: f"helpers.virt.{m}" for m in ("kvm", "paravirt", "vm", "initramfs", "compare")},
+    **{m: f"helpers.virt.{m}" for m in ("kvm", "paravirt", "vm", "initramfs", "compare", "v2guest")},
     **{m: f"helpers.containers.{m}" for m in ("ns", "cgroups", "rootfs", "oci", "runc", "engine",
                                               "images", "containerd", "cri", "sandbox")},
-    **{m: f"helpers.orchestration.{m}" for m in ("swarm", "etcd", "controller", "websites", "apiserver")},
+    **{m: f"helpers.orchestration.{m}" for m in ("swarm", "etcd", "controller", "websites", "apiserver",
+                                                 "hosts", "bridge", "swarm_cluster", "etcd_cluster")},
     **{m: f"helpers.kubernetes.{m}" for m in ("cluster", "kind", "operator")},
     **{m: f"helpers.notebook.{m}" for m in ("doctor", "labs", "magics", "widgets")},
 }
 
 __all__ = ["BadInput", "LabError", "LabTimeout", "MissingTool", "NeedsRoot", "NotFound",  # noqa: PLE0604
-           "NotSupported", "Refused", "Unavailable", "cleanup", "leftovers",
+           "NotSupported", "QuorumLost", "Refused", "Unavailable", "cleanup", "leftovers",
            "load_ipython_extension", *MODULES]
 
 

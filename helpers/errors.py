@@ -63,6 +63,11 @@ class Unavailable(LabError, ConnectionError):
     """A service the lab talks to is not there: no Docker engine, no containerd, no etcd, no cluster."""
 
 
+class QuorumLost(Unavailable):
+    """A replicated service (a Swarm's managers, an etcd cluster) has fewer than a majority of
+    its members up: it cannot agree on anything, so it refuses every change."""
+
+
 class NotFound(LabError, LookupError):
     """The object asked for does not exist: an image, a pod, a Kubernetes object."""
 

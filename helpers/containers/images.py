@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from helpers._core import names
 from helpers.containers import cgroups, engine, ns
 from helpers.containers.engine import (  # noqa: F401  the Docker client, re-exported for the labs
     EngineTimeout, EngineUnavailable, ImageMissing, client)
@@ -78,6 +79,16 @@ def busybox(tag: str = "latest") -> str:
         with engine.calling(f"building {ref}", timeout=60):
             c.images.build(fileobj=_context(BUSYBOX_DOCKERFILE, {"busybox": Path(path)}),
                            custom_context=True, tag=ref, rm=True, forcerm=True)
+    return ref
+
+
+def copy(ref: str, base_url: str, *, timeout: float = 120) -> str:
+    """Copy an image from this engine into the one at ``base_url`` (``docker save | docker
+    load``): how a second engine gets the course's images where nothing can be pulled."""
+    with contextlib.closing(client(timeout)) as source, \
+            contextlib.closing(client(timeout, base_url)) as target, \
+            engine.calling(f"copying {ref} to {base_url}", ref=ref, timeout=timeout):
+        target.images.load(b"".join(source.images.get(ref).save(named=True)))
     return ref
 
 
@@ -237,13 +248,12 @@ def run(image: str, command: str | Sequence[str] | None = None, *, name: str | N
     that is not here is ImageMissing (nothing is pulled). ``options`` go to docker-py's run."""
     limits = _limits(memory, cpus, pids)
     name = name or uuid.uuid4().hex[:8]
-    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", name):
-        raise BadInput(f"{name!r} is not a container name", fix="use letters, digits, '.', '-', '_'")
+    names.check(name, "container name", upper=True, punct="_.-", most=63)
     with contextlib.closing(client(timeout)) as c:
         with engine.calling(f"looking up {image}", ref=image, timeout=timeout):
             c.images.get(image)
         with engine.calling(f"starting a container of {image}", ref=image, timeout=timeout):
-            started = c.containers.run(image, command, name=f"{PREFIX}-{name}", detach=True,
+            started = c.containers.run(image, command, name=names.name(name), detach=True,
                                        labels=OWNER, **limits, **options)
     return Container(started, timeout)
 

@@ -129,9 +129,7 @@ class Server:
 
     def __init__(self, name=None, *, keep=False, timeout=30.0):
         name = name or secrets.token_hex(3)
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", name):
-            raise BadInput(f"etcd server name {name!r}: use lowercase letters, digits and '-'")
-        self.name = names.name("etcd", name)
+        self.name = names.name("etcd", names.check(name, "etcd server name", most=41))
         self.dir = names.STATE / "etcd" / self.name
         self.keep = keep
         self.timeout = timeout
@@ -298,16 +296,25 @@ class Swap:
 
 
 class Client:
-    """put/get/delete, prefixes, watches, leases and compare-and-swap on etcd's v3 API."""
+    """put/get/delete, prefixes, watches, leases and compare-and-swap on etcd's v3 API.
 
-    def __init__(self, url, *, timeout=5.0):
+    ``require_leader``: the member refuses at once ("etcdserver: no leader") when it has no
+    Raft leader, instead of holding the request until its own timeout (etcdctl's
+    ``--require-leader``, gRPC metadata ``hasleader``). It refuses serializable reads then too.
+    """
+
+    def __init__(self, url, *, timeout=5.0, require_leader=False):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.require_leader = require_leader
 
     def call(self, path, body):
         """POST one JSON request to the gateway (``/v3/<path>``) and return etcd's JSON answer."""
+        headers = {"Content-Type": "application/json"}
+        if self.require_leader:    # the JSON gateway passes Grpc-Metadata-* headers on as metadata
+            headers["Grpc-Metadata-hasleader"] = "true"
         request = urllib.request.Request(f"{self.url}/v3/{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as r:
                 return json.load(r)
@@ -331,15 +338,17 @@ class Client:
             body["lease"] = lease.id if isinstance(lease, Lease) else int(lease)
         return int(self.call("kv/put", body)["header"]["revision"])
 
-    def get(self, key, *, revision=None):
-        """The key's KeyValue, or None. ``revision`` reads the past (until it is compacted)."""
-        found = self._range({"key": _b64(key)}, revision)
+    def get(self, key, *, revision=None, serializable=False):
+        """The key's KeyValue, or None. ``revision`` reads the past (until it is compacted).
+        ``serializable``: answered from this member's own copy, without asking the leader
+        whether it is current (fast, works without a quorum, possibly stale)."""
+        found = self._range({"key": _b64(key), "serializable": serializable}, revision)
         return found[0] if found else None
 
-    def get_prefix(self, prefix, *, revision=None, keys_only=False):
+    def get_prefix(self, prefix, *, revision=None, keys_only=False, serializable=False):
         """Every key under ``prefix``, sorted by key (the way Kubernetes lists a resource)."""
         return self._range({"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
-                            "keys_only": keys_only}, revision)
+                            "keys_only": keys_only, "serializable": serializable}, revision)
 
     def _range(self, body, revision):
         if revision is not None:

@@ -16,17 +16,16 @@ leaves the swarm, also when a cell fails. A swarm this course did not create is 
 Used in: 31-swarm, book/orchestration/orchestration.
 """
 import contextlib
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from helpers._core import owners, wait
+from helpers._core import names, owners, wait
 from helpers.containers import engine, images
 from helpers import errors
 from helpers.errors import BadInput, LabError
-from helpers._core.names import LABEL, PREFIX
+from helpers._core.names import LABEL
 
 if TYPE_CHECKING:
     import docker
@@ -59,13 +58,15 @@ class Task:
     state: str
     error: str
     container: str | None
+    node: str = ""            # the node's ID (a multi-node swarm puts its name here: swarm_cluster)
 
     @classmethod
     def _from(cls, task):
         status = task["Status"]
         image = task["Spec"]["ContainerSpec"]["Image"].split("@")[0]
         return cls(task["ID"], task.get("Slot", 0), image, task["DesiredState"], status["State"],
-                   status.get("Err", ""), status.get("ContainerStatus", {}).get("ContainerID"))
+                   status.get("Err", ""), status.get("ContainerStatus", {}).get("ContainerID"),
+                   task.get("NodeID", ""))
 
     def __str__(self) -> str:
         text = f"slot {self.slot}  {self.image:22}  desired {self.desired:8}  current {self.state}"
@@ -76,6 +77,24 @@ def is_ours(client: "docker.DockerClient") -> bool:
     """Whether the active swarm is one the course made (its spec carries the cnlab label)."""
     client.swarm.reload()
     return (client.swarm.attrs.get("Spec", {}).get("Labels") or {}).get(LABEL) == MARK[LABEL]
+
+
+# What managers answer when Raft has lost its quorum: a follower (or a leader that stepped
+# down) says there is no leader; a leader that loses its majority during a change says so.
+NO_QUORUM = ("does not have a leader", "lost leader status")
+
+
+def refused(error: "docker.errors.APIError", what: str) -> SwarmError:
+    """The error for an API refusal: ``QuorumLost`` when no leader can be elected (too few
+    managers are up), else a SwarmError with the engine's explanation."""
+    if any(words in str(error.explanation) for words in NO_QUORUM):
+        return QuorumLost(f"{what}: the swarm has no leader (Raft has lost its quorum)",
+                          fix="start enough managers again that more than half of them are up")
+    return SwarmError(f"Swarm refused {what}: {error.explanation}")
+
+
+class QuorumLost(SwarmError, errors.QuorumLost):
+    """Too few managers are up for Raft to elect a leader: the swarm can change nothing."""
 
 
 def _wait(check, timeout, what, detail=lambda: ""):
@@ -155,8 +174,7 @@ class Swarm:
         replaced after ``restart_delay`` seconds.
         """
         import docker
-        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", name):
-            raise BadInput(f"service name {name!r}: use lowercase letters, digits and '-'")
+        names.check(name, "service name")
         if replicas < 0 or parallelism < 1 or delay < 0 or restart_delay < 0:
             raise BadInput("replicas must be >= 0, parallelism >= 1, delays >= 0")
         if self._client is None:
@@ -164,7 +182,7 @@ class Swarm:
         rolling = dict(parallelism=parallelism, delay=int(delay * SECOND), order="stop-first",
                        failure_action="pause", monitor=SECOND)  # watch each new task for 1 s
         service = self._client.services.create(
-            image or images.busybox(), command=WORKLOAD, name=f"{PREFIX}-{name}",
+            image or images.busybox(), command=WORKLOAD, name=names.name(name),
             labels=MARK, container_labels=MARK, stop_grace_period=5 * SECOND,
             mode=docker.types.ServiceMode("replicated", replicas=replicas),
             constraints=list(constraints),
@@ -259,16 +277,16 @@ class Service:
         """Change a copy of the whole current spec and send it back (docker-py's partial
         updates would reset the placement and restart policy)."""
         import docker
-        self._service.reload()
-        spec = self._service.attrs["Spec"]
-        change(spec)
         try:
+            self._service.reload()
+            spec = self._service.attrs["Spec"]
+            change(spec)
             self._swarm._client.api.update_service(
                 self.id, self._service.version, task_template=spec["TaskTemplate"], name=spec["Name"],
                 labels=spec.get("Labels"), mode=spec["Mode"], update_config=spec.get("UpdateConfig"),
                 rollback_config=spec.get("RollbackConfig"), endpoint_spec=spec.get("EndpointSpec"))
         except docker.errors.APIError as e:
-            raise SwarmError(f"Swarm refused the update of {self.name}: {e.explanation}") from e
+            raise refused(e, f"the update of {self.name}") from e
 
     def _follow(self, final):
         """Watch a rolling update until ``final``; return the count of tasks on the new image over
