@@ -3,8 +3,8 @@
 This machine's cgroups are hybrid (controllers on v1), so the v2 code of ``helpers.cgroups``
 can only be exercised for real on another kernel: Debian's cloud kernel under QEMU, booted
 with ``cgroup_no_v1=all``. No disk image and no systemd: the guest mounts this machine's
-root file system read-only (virtiofs), the course checkout read-write over its place in it,
-its own /proc, /sys, /dev, cgroup2 and tmpfs on /tmp, /run and /var/tmp, HOME (with the
+root file system read-only (virtiofs), the course checkout read-write over its place in it
+(after the guest's own /tmp, so that a checkout under /tmp shows through), its own /proc, /sys, /dev, cgroup2 and tmpfs on /tmp, /run and /var/tmp, HOME (with the
 course's CACHE) copy-on-write, enables every controller in the root group's
 ``cgroup.subtree_control`` (what systemd does at boot), and runs commands with that tree as
 their root: the same Python, venv and checkout as here, a different kernel::
@@ -33,6 +33,7 @@ from helpers._core import names
 from helpers.errors import LabError
 
 ROOT_AT = "/mnt/host"                 # where the guest mounts this machine's root
+CHECKOUT_AT = "/mnt/checkout"         # and the checkout, bound over its place once /tmp is the guest's
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # ns.connect's veths, the sandbox's overlay root, iptables-nft, and the guest's eth0
 MODULES = ("veth", "overlay", "nf_tables", "dummy")
@@ -59,6 +60,7 @@ for link in fd:/proc/self/fd stdin:/proc/self/fd/0 stdout:/proc/self/fd/1 stderr
     ln -sf "${{link#*:}}" "$r/dev/${{link%%:*}}"
 done
 for d in tmp run var/tmp; do mount -t tmpfs -o mode=1777 tmpfs "$r/$d"; done
+mkdir -p $r{checkout} && mount --bind {checkout_at} $r{checkout}
 echo 4194304 > /proc/sys/kernel/pid_max
 ip link set lo up
 ip link add eth0 type dummy && ip link set eth0 up
@@ -81,14 +83,15 @@ class Guest:
         self.vm = vm.VM(memory=memory, cpus=cpus, accel=accel, append="cgroup_no_v1=all",
                         modules=MODULES, tcg_cpu="max", timeout=timeout,
                         share=[vm.Share(Path("/"), ROOT_AT, readonly=True),
-                               vm.Share(self.checkout, ROOT_AT + str(self.checkout))])
+                               vm.Share(self.checkout, CHECKOUT_AT)])
         self.controllers: list[str] = []
 
     def start(self) -> Self:
         """Boot, mount the guest's own file systems, enable the controllers; killed on failure."""
         self.vm.start()
         try:
-            result = self.vm.run(SETUP.format(root=ROOT_AT, home=Path.home()), timeout=60)
+            result = self.vm.run(SETUP.format(root=ROOT_AT, home=Path.home(), checkout=self.checkout,
+                                              checkout_at=CHECKOUT_AT), timeout=60)
             if result.exit_code != 0:
                 raise LabError(f"the v2 guest's set-up failed (status {result.exit_code}): "
                                f"{result.output.strip()}", fix="read the VM's console (guest.vm.console)")
