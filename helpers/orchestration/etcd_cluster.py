@@ -382,12 +382,23 @@ class Cluster:
         whether its copy is current, so it needs a quorum. ``linearizable=False``
         (serializable): its own copy, at once, even alone; possibly stale."""
         m = self.member(via)
+        found = []
+
+        def answered():
+            try:
+                found.append(m.client(require_leader=linearizable).get(key, serializable=not linearizable))
+            except EtcdError as e:
+                if "leader changed" in str(e):    # an election under way: retried, as etcd's clients do
+                    return False
+                raise
+            return True
         try:
-            kv = m.client(require_leader=linearizable).get(key, serializable=not linearizable)
+            wait.until(answered, 5, f"{m.name} to answer a read through an election", interval=0.05)
         except EtcdError as e:
             if linearizable and (lost := self._quorum_lost(m, e)):
                 raise lost from e
             raise
+        kv = found[0]
         return None if kv is None else kv.value.decode()
 
     def audit(self) -> Audit:
