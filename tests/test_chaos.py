@@ -163,13 +163,7 @@ def _someone_elses(line: str) -> bool:
 
 def _orphaned_zombies() -> list[int]:
     """Zombies whose parent is init: what the kernel hands to init when their parent dies."""
-    found = []
-    for pid in procfs.pids():
-        stat = procfs.read_text(f"/proc/{pid}/stat") or ""
-        fields = stat.rpartition(")")[2].split()
-        if fields[:2] == ["Z", "1"]:
-            found.append(pid)
-    return found
+    return [pid for pid in procfs.pids() if procfs.parent(pid) == 1 and not procfs.alive(pid)]
 
 
 def _leaks() -> list[str]:
