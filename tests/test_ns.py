@@ -199,6 +199,18 @@ def test_an_exception_in_the_child_is_raised_here_with_its_traceback():
 def test_a_missing_command_is_file_not_found():
     with pytest.raises(FileNotFoundError):
         ns.run(["cnlab-no-such-program"])
+    with pytest.raises(FileNotFoundError):      # by start() itself, as subprocess.Popen does
+        ns.start(["cnlab-no-such-program"], new=["pid", "mnt"])
+
+
+@pytest.mark.requires("root")
+@pytest.mark.parametrize("new", [[], ["user", "pid", "mnt"]])
+def test_start_returns_once_the_command_runs(new):
+    # /proc shows the command, not the Python that was forked to run it (the fork-to-exec window
+    # is short: repeated, a start that returns early is seen at least once)
+    for _ in range(20):
+        with ns.start(["sleep", "30"], new=new) as child:
+            assert os.path.basename(os.readlink(f"/proc/{child.pid}/exe")) == "sleep"
 
 
 @pytest.mark.requires("root")

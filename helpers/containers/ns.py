@@ -224,7 +224,8 @@ def start(target: Callable[..., Any] | Sequence[str | PathLike[str]], *args: Any
     applies to children, so the child forks once more and the grandchild runs the target as
     PID 1; with new "pid" and "mnt" it gets its own /proc. ``hostname`` is set in a new UTS
     namespace, ``clocks`` ({"monotonic"|"boottime": seconds}) offsets a new time namespace.
-    Returns a running Child once the target is set up; errors in setup are raised here.
+    Returns a running Child once the target is set up (a command: once it has been executed,
+    as ``subprocess.Popen`` does); errors in setup, and a command that cannot run, are raised here.
 
     Every process it makes carries the course's mark, so a leak check finds a forgotten one: a
     command gets it in its environment, a forked child that runs a callable is named ``cnlab``.
@@ -241,21 +242,20 @@ def start(target: Callable[..., Any] | Sequence[str | PathLike[str]], *args: Any
         records_r, records_w = os.pipe()
         output_r, output_w = os.pipe()
         go_r, go_w = os.pipe()
+        exec_r, exec_w = os.pipe2(os.O_CLOEXEC)   # end-of-file: the target ran its exec (or ended)
         pid = os.fork()
         if pid == 0:
-            os.close(records_r)
-            os.close(output_r)
-            os.close(go_w)
+            for fd in (records_r, output_r, go_w, exec_r):
+                os.close(fd)
             _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env,
-                    records_w, output_w, go_r)
-        os.close(records_w)
-        os.close(output_w)
-        os.close(go_r)
+                    records_w, output_w, go_r, exec_w)
+        for fd in (records_w, output_w, go_r, exec_w):
+            os.close(fd)
     finally:
         if join is not None and not isinstance(join, (list, tuple)):
             for n in joined:
                 n.close()
-    child = Child(pid, records_r, output_r, go_w)
+    child = Child(pid, records_r, output_r, go_w, exec_r)
     child._start(uid_map, gid_map)
     return child
 
@@ -347,10 +347,13 @@ class Child:
     namespace, seen from outside).
     """
 
-    def __init__(self, leader: int, records: int, output: int, go: int) -> None:
+    def __init__(self, leader: int, records: int, output: int, go: int, execed: int) -> None:
         self._leader = leader          # the process we forked, leader of its own process group
-        self._open = {records, output}  # pipes from the child: pickled records, and its output
+        # pipes from the child: pickled records, its output, and one that nothing writes to,
+        # closed when the target executes its command (close-on-exec) or ends
+        self._open = {records, output, execed}
         self._output = output
+        self._execed = execed
         self._go = go                  # pipe to the child: "continue", once the id maps are written
         self._selector = selectors.DefaultSelector()
         for fd in self._open:
@@ -368,10 +371,12 @@ class Child:
                     and "unshared" in self._seen:
                 write_id_maps(self._leader, uid_map, gid_map)
                 os.write(self._go, b"1")
-            if not self._pump(lambda: {"ready", "pid"} <= self._seen.keys() or "error" in self._seen,
+            # a command: returned once it runs, as subprocess does, so /proc shows the command
+            if not self._pump(lambda: {"ready", "pid"} <= self._seen.keys()
+                              and self._execed not in self._open or "error" in self._seen,
                               deadline):
                 raise LabTimeout(f"the child was not set up within {timeout} s")
-            if "ready" not in self._seen:
+            if "ready" not in self._seen or "error" in self._seen:
                 ended = self.wait()     # raises the child's error
                 raise LabError(f"the child ended during its set-up:\n{ended.output}")
         except BaseException:
@@ -474,7 +479,8 @@ def _send(fd, *record):
         data = data[os.write(fd, data):]
 
 
-def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, records, output, go):
+def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, records, output, go,
+            execed):
     code = 1
     try:
         procfs.mark_forked()               # and the grandchild it may fork inherits the name
@@ -512,6 +518,7 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, r
         forks = {"pid", "time"} & (set(new) | {n.kind for n in joined})
         pid = os.fork() if forks else 0
         if pid:
+            os.close(execed)                   # the grandchild's copy tells when it has executed
             with contextlib.suppress(OSError):  # as the target does: whichever runs first
                 os.setpgid(pid, pid)
             _send(records, "pid", pid)
@@ -524,7 +531,7 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, r
                 procfs.mark_forked()       # a PID namespace's first process dies with the leader
             else:
                 _send(records, "pid", os.getpid())
-            code = _target(target, args, new, hostname, env, records)
+            code = _target(target, args, new, hostname, env, records, execed)
     except BaseException as e:
         _send(records, "error", e, traceback.format_exc())
     finally:
@@ -533,7 +540,7 @@ def _leader(target, args, new, joined, cgroup, hostname, uid_map, clocks, env, r
         os._exit(code)
 
 
-def _target(target, args, new, hostname, env, records):
+def _target(target, args, new, hostname, env, records, execed):
     """Finish the set-up as the process that runs the target; return its exit code."""
     if "pid" in new and "mnt" in new:      # a /proc that shows this PID namespace
         libc.mount("proc", "/proc", "proc", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
@@ -542,6 +549,7 @@ def _target(target, args, new, hostname, env, records):
     _send(records, "ready")
     if not callable(target):
         os.execvpe(target[0], [os.fspath(a) for a in target], env)
+    os.close(execed)
     try:
         value = target(*args)
     except SystemExit as e:
