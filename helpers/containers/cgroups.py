@@ -51,7 +51,8 @@ class Layout:
 
 def detect(mountinfo=None):
     """This machine's Layout (or that of the mountinfo file ``mountinfo``: a test's)."""
-    v1, v2 = {}, None
+    v1: dict[str, Path] = {}
+    v2: Path | None = None
     for mount in procfs.mounts(table=mountinfo):
         if mount.fstype == "cgroup2" and v2 is None:
             v2 = Path(mount.point)
@@ -63,7 +64,7 @@ def detect(mountinfo=None):
                                "clone_children", "noprefix", "xattr") \
                         and not opt.startswith("release_agent="):
                     v1.setdefault(opt, Path(mount.point))
-    controllers = ()
+    controllers: tuple[str, ...] = ()
     if v2 is not None:
         try:
             controllers = tuple((v2 / "cgroup.controllers").read_text().split())
@@ -84,7 +85,8 @@ _CPU_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 def parse_size(value, what="memory"):
     """``64M`` -> 67108864. Units are binary (K = 1024). Zero, negatives and ``64X`` are BadInput."""
     if isinstance(value, int) and not isinstance(value, bool):
-        number, unit = value, ""
+        number: float | int = value
+        unit = ""
     else:
         match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
         if not match or (not match[2] and "." in match[1]):
@@ -135,7 +137,7 @@ class Limits:
             raise BadInput(f"cpus={cpus!r} is less than the kernel's smallest quota (1 ms per period)",
                            fix=f"use at least {1000 / period:g} cores, or a longer cpu_period")
         if cpuset is not None:
-            online = os.cpu_count()
+            online = os.cpu_count() or 1
             if not isinstance(cpuset, str) or not _CPU_LIST.fullmatch(cpuset) \
                     or max(int(n) for n in re.split(r"[-,]", cpuset)) >= online:
                 raise BadInput(f"cpuset={cpuset!r} is not a list of this machine's CPUs",

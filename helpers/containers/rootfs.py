@@ -27,6 +27,7 @@ import subprocess
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from helpers._core import libc, names, owners
@@ -45,8 +46,8 @@ LAYERS = owners.keeps(STATE / "layers")   # unpacked once, kept: a cache, not a 
 WHITEOUT = ".wh."                       # a layer's "<dir>/.wh.<name>": <name> is deleted
 OPAQUE = ".wh..wh..opq"                 # a layer's "<dir>/.wh..wh..opq": <dir> hides what is below
 _OPAQUE_XATTR = "trusted.overlay.opaque"
-_fingerprints = {}                      # (path, inode, size, mtime) -> sha256: hash busybox once
-_checked = {}                           # rootfs -> the stamps of its marker, its shell, busybox
+_fingerprints: dict = {}                # (path, inode, size, mtime) -> sha256: hash busybox once
+_checked: dict = {}                     # rootfs -> the stamps of its marker, its shell, busybox
 
 
 def _busybox():
@@ -79,8 +80,9 @@ def _fingerprint(busybox):
     return _fingerprints[key]
 
 
-def _lowers(root):
-    """A root filesystem as a list of layer directories, bottom first."""
+def stack(root: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """A root filesystem (a folder, or a list of layer folders) as its stack of layer folders,
+    bottom first: the one shape the overlay code works with."""
     if isinstance(root, (str, os.PathLike)):
         return [Path(root)]
     return [Path(p) for p in root]
@@ -90,7 +92,7 @@ def is_rootfs(path):
     """True if ``path`` (a folder, or a list of layer folders, bottom first) looks like a usable
     root filesystem: a shell, and the directories to mount /proc, /dev and /tmp on."""
     try:
-        lowers = _lowers(path)
+        lowers = stack(path)
     except TypeError:
         return False
     if not lowers or not all(p.is_dir() for p in lowers):
@@ -169,9 +171,9 @@ def resolve(root, path, *, limit=40):
     """The host path of the file that ``path`` names inside ``root`` (a folder, or layer folders
     bottom first), symlinks followed inside the root, as a process chrooted there would; or None.
     An absolute symlink (``/bin/sh -> /bin/busybox``) stays inside the root."""
-    lowers = [os.fspath(p) for p in _lowers(root)]
+    lowers = [os.fspath(p) for p in stack(root)]
     todo = [p for p in reversed(str(path).split("/")) if p]
-    done = []
+    done: list[str] = []
     while todo:
         name = todo.pop()
         if name == ".":
@@ -223,7 +225,7 @@ class Overlay:
     """
 
     def __init__(self, lower, *, where=None, owner=None):
-        self.lowers = _lowers(lower)
+        self.lowers = stack(lower)
         if not self.lowers or not all(p.is_dir() for p in self.lowers):
             raise BadInput(f"lower={lower!r} is not a directory (or list of directories)",
                            fix="pass rootfs.busybox_rootfs(), or folders made by rootfs.layer_dirs()")
@@ -292,7 +294,7 @@ class Overlay:
 
 def overlay_options(lowers, upper, work):
     """The mount data: overlayfs wants the lower layers top first, separated by colons."""
-    lower = ":".join(str(p) for p in reversed(_lowers(lowers)))
+    lower = ":".join(str(p) for p in reversed(stack(lowers)))
     return f"lowerdir={lower},upperdir={upper},workdir={work}"
 
 
@@ -310,7 +312,7 @@ def changes(upper, lower=None):
     directory that hides everything below it. Directories that only hold changes are left out;
     given the ``lower`` layer(s), a directory they don't have is reported as "changed"."""
     upper = Path(upper)
-    lowers = _lowers(lower) if lower is not None else None
+    lowers = stack(lower) if lower is not None else None
     found = {}
     for path in sorted(upper.rglob("*")):
         rel = path.relative_to(upper).as_posix()

@@ -453,7 +453,7 @@ class Watch:
             request["start_revision"] = int(start_revision)
         host, _, port = client.url.removeprefix("http://").partition(":")
         self._connection = http.client.HTTPConnection(host, int(port), timeout=client.timeout)
-        self._queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self.revision = None  # the store's revision when the watch started
         try:

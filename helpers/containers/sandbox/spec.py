@@ -71,7 +71,7 @@ class Spec:
 def _rootfs(value):
     if value is None:
         return [rootfs.busybox_rootfs()]
-    lowers = rootfs._lowers(value) if isinstance(value, (str, os.PathLike, list, tuple)) else None
+    lowers = rootfs.stack(value) if isinstance(value, (str, os.PathLike, list, tuple)) else None
     if not lowers or not rootfs.is_rootfs(lowers):
         raise BadInput(f"rootfs={value!r} is not a root filesystem (it needs /bin/sh, /proc, /dev "
                        f"and /tmp)", fix="use rootfs.busybox_rootfs(), or rootfs.layer_dirs(layers)")

@@ -113,7 +113,8 @@ def resolve(packages_text, roots):
     (``golang-go``) or C libraries. An alternative ``a | b`` takes the first that exists; a
     virtual name takes the first package (by name) that provides it.
     """
-    available, provides = {}, {}
+    available: dict[str, tuple] = {}
+    provides: dict[str, list] = {}
     for fields in _stanzas(packages_text):
         package = Package(fields["Package"], fields["Version"], int(fields.get("Size", 0)))
         available.setdefault(package.name, (package, fields))
