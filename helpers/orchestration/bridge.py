@@ -135,15 +135,19 @@ def subnet_of(given: str | ipaddress.IPv4Network | None) -> ipaddress.IPv4Networ
 
 # --- iptables ---------------------------------------------------------------------------------
 
-def iptables(*args: str, table: str = "filter", check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``iptables -t <table> <args>`` (nf_tables or legacy, whichever this machine has)."""
+def iptables(*args: str, table: str = "filter", check: bool = True,
+             space: ns.NetNS | None = None) -> subprocess.CompletedProcess:
+    """Run ``iptables -t <table> <args>`` (nf_tables or legacy, whichever this machine has), on
+    the machine's own rules or, with ``space``, on those of that network namespace."""
     tool = shutil.which("iptables")
     if tool is None:
         raise MissingTool("iptables")
-    out = subprocess.run([tool, "-w", "5", "-t", table, *args], capture_output=True, text=True,
-                         timeout=30)
+    argv = [tool, "-w", "5", "-t", table, *args]
+    out = subprocess.run(argv if space is None else inside(space, argv), capture_output=True,
+                         text=True, timeout=30)
     if check and out.returncode:
-        raise LabError(f"iptables -t {table} {shlex.join(args)} failed: {out.stderr.strip()}")
+        where = "" if space is None else f" in {space.name}"
+        raise LabError(f"iptables -t {table} {shlex.join(args)}{where} failed: {out.stderr.strip()}")
     return out
 
 

@@ -299,9 +299,9 @@ class Cluster:
 
     def _firewall(self, m: Member, action: str) -> None:
         for chain in ("INPUT", "OUTPUT"):
-            m.host.run(["iptables", "-w", action, chain, "-p", "tcp", "-m", "multiport", "--ports",
-                        str(self.peer_port), "-m", "comment", "--comment", names.name("partition"),
-                        "-j", "DROP"])
+            bridge.iptables(action, chain, "-p", "tcp", "-m", "multiport", "--ports",
+                            str(self.peer_port), "-m", "comment", "--comment",
+                            names.name("partition"), "-j", "DROP", space=m.host.space)
 
     def leaderless(self, which, timeout: float = SETTLE) -> Status:
         """Wait until the member says it has no leader (it notices within an election timeout
