@@ -155,6 +155,17 @@ def test_cpu_requests_become_shares_as_the_kubelet_makes_them():
     assert [cri.shares(c) for c in (0.5, 1, 2, 0.001)] == [512, 1024, 2048, 2]
 
 
+def test_no_swap_is_the_memory_limit_where_the_kernel_accounts_swap(tmp_path):
+    # the kubelet's NoSwap: memory + swap = memory. A v1 kernel without swap accounting
+    # (no memory.memsw.*) would make runc fail, so it is left unset there, as the kubelet does
+    v2 = cgroups.Layout(v2=tmp_path, v2_controllers=("memory",))
+    v1 = cgroups.Layout(v1={"memory": tmp_path})
+    assert cri.no_swap(512 << 20, v2) == 512 << 20 and cri.no_swap(0, v2) == 0
+    assert cri.no_swap(512 << 20, v1) == 0
+    (tmp_path / "memory.memsw.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cri.no_swap(512 << 20, v1) == 512 << 20
+
+
 def test_a_request_above_the_limit_is_refused_before_any_call():
     with cri.Client("/run/cnlab/nothing.sock") as client:       # nothing answers: no call made
         pod = cri.Pod(client, "bad")
@@ -172,7 +183,7 @@ def test_half_a_core_and_512_mib_are_written_and_enforced(client):
         pod.add("busy", containerd.BUSYBOX, ["sh", "-c", "while :; do :; done"], memory="512M", cpus=0.5)
         spec = pod.status("busy")["spec"]["linux"]["resources"]
         assert spec["cpu"] == {"shares": 512, "quota": 50_000, "period": 100_000}
-        assert spec["memory"]["limit"] == 512 << 20
+        assert spec["memory"]["limit"] == spec["memory"]["swap"] == 512 << 20   # memory + swap: no swap
         got = pod.resources("busy")
         assert (got.memory, got.cpus, got.cpu_quota_us, got.cpu_period_us) == (512 << 20, 0.5, 50_000, 100_000)
         assert got.cpu_shares == 512 if got.cpu_weight is None else 1 <= got.cpu_weight < 100

@@ -99,6 +99,19 @@ def shares(cpus):
     return max(2, round(cpus * 1024))
 
 
+def no_swap(memory: int, layout: cgroups.Layout | None = None) -> int:
+    """The memory-and-swap limit that lets a container no swap: its memory limit, as the
+    kubelet's default swap behaviour ``NoSwap`` asks (KEP-2400), so a hog is OOM-killed at its
+    limit on a machine with swap too. runc writes it as ``memory.swap.max`` 0 on v2 (and skips
+    that where there is no swap accounting); on v1 it needs ``memory.memsw.*``, and where those
+    are missing it is 0, unset, as the kubelet leaves it there."""
+    layout = layout or cgroups.detect()
+    memory_v1 = layout.v1.get("memory")
+    if not memory or (memory_v1 and not (memory_v1 / "memory.memsw.limit_in_bytes").exists()):
+        return 0
+    return memory
+
+
 @dataclass(frozen=True)
 class Resources:
     """A container's limits as its cgroup holds them: ``files`` (path -> text, the files runc
@@ -356,7 +369,8 @@ class Pod:
         ``command`` replaces the image's entrypoint, ``args`` its cmd. As the kubelet does with a
         container's ``resources``: the limits ``memory`` ("512M") and ``cpus`` (0.5) become
         ``LinuxContainerResources``' memory limit and CFS quota/period, and the CPU request
-        (``cpu_request``, by default the limit, as Kubernetes defaults it) its CPU shares."""
+        (``cpu_request``, by default the limit, as Kubernetes defaults it) its CPU shares. The
+        memory-and-swap limit is the memory limit (``no_swap``)."""
         pb = self.client._pb
         name = _named(name, "container")
         if name in self.containers:
@@ -373,6 +387,7 @@ class Pod:
         self.client.image(image)          # NotFound naming the image, before anything is made
         limits_pb = pb.LinuxContainerResources(
             memory_limit_in_bytes=limits.memory or 0,
+            memory_swap_limit_in_bytes=no_swap(limits.memory or 0),
             cpu_period=limits.cpu_period if limits.cpus else 0,
             cpu_quota=round(limits.cpus * limits.cpu_period) if limits.cpus else 0,
             cpu_shares=shares(request) if request else 0)
