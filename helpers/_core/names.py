@@ -29,8 +29,8 @@ def name(*parts) -> str:
 
 
 def prefixed(given: str) -> str:
-    """``given`` as the course names it: unchanged when it already starts with ``cnlab``."""
-    return given if given.startswith(PREFIX) else name(given)
+    """``given`` as the course names it: unchanged when it already starts with ``cnlab-``."""
+    return given if given.startswith(f"{PREFIX}-") else name(given)
 
 
 def state_dir(*parts) -> Path:

@@ -81,8 +81,7 @@ class PreflightFailed(KindError):
 
 def cluster_name(name):
     """``pods`` -> ``cnlab-pods``; a name that already carries the prefix is kept."""
-    full = name if str(name).startswith(f"{PREFIX}-") else names.name(name)
-    return names.check(full, "cluster name")
+    return names.check(names.prefixed(str(name)), "cluster name")
 
 
 def config(name, *, workers=1, proxy_mode="iptables", image=NODE_IMAGE):
