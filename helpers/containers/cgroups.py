@@ -453,12 +453,8 @@ def _kill_trees(paths, timeout):
     again, until no process is left (a fork racing the kill is caught by the next round). A v1
     frozen group is thawed first: its tasks can't die while frozen."""
     for path in paths:
-        if (path / "cgroup.kill").exists():
-            with contextlib.suppress(FileNotFoundError):
-                write(path / "cgroup.kill", 1)
-        if (path / "freezer.state").exists():
-            with contextlib.suppress(NotSupported):
-                write(path / "freezer.state", "THAWED")
+        write(path / "cgroup.kill", 1, optional=True)
+        write(path / "freezer.state", "THAWED", optional=True)
 
     def empty():
         left = [pid for path in paths for sub in _tree(path) for pid in _pids(sub)]
@@ -578,7 +574,15 @@ def limit_files(folders):
 def limits_in(folders):
     """The memory, CPU and pids limits in a process's cgroup folders (from ``of_process``).
     None: no limit."""
-    words = {path.name: text.split() for path, text in limit_files(folders).items()}
+    return _limits(_words(folders))
+
+
+def _words(folders):
+    """Each limit file's name, and its text split in words."""
+    return {path.name: text.split() for path, text in limit_files(folders).items()}
+
+
+def _limits(words):
     memory = words.get("memory.limit_in_bytes") or words.get("memory.max")
     quota = words.get("cpu.max") or (words.get("cpu.cfs_quota_us", []) + words.get("cpu.cfs_period_us", []))
     pids = words.get("pids.max")
@@ -626,7 +630,7 @@ def held(folders):
     ``limits_in``'s memory (bytes), cpus and pids, and cpu_weight on v2's scale (v1's cpu.shares
     read back: 1024 is 100). ``folders``: a Cgroup's ``paths``, or a process's (``of_process``).
     Which files hold them is the layout's business: a Cgroup's ``settings`` names them."""
-    words = {path.name: text.split() for path, text in limit_files(folders).items()}
+    words = _words(folders)
     weight, shares = words.get("cpu.weight"), words.get("cpu.shares")
-    return {**limits_in(folders),
+    return {**_limits(words),
             "cpu_weight": int(weight[0]) if weight else round(int(shares[0]) * 100 / 1024) if shares else None}
