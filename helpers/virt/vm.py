@@ -295,11 +295,7 @@ class VM:
         if self._proc is not None:
             if self._poll() is None:
                 self._proc.kill()
-                status = None
-                with contextlib.suppress(ChildProcessError):     # a sweep reaped it meanwhile
-                    _, status, self._rusage = os.wait4(self._proc.pid, 0)
-                self._status = self._proc.returncode = (
-                    -signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status))
+                self._poll(block=True)
         while self._virtiofsds:
             self._virtiofsds.pop().kill()
         for conn in (self._serial, self._console):
@@ -312,13 +308,14 @@ class VM:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
-    def _poll(self):
-        """QEMU's exit status, or None while it runs. Reaps it with wait4 to keep its rusage."""
+    def _poll(self, *, block: bool = False):
+        """QEMU's exit status, or None while it runs (``block``: wait until it has ended). Reaps
+        it with wait4 to keep its rusage."""
         if self._status is None and self._proc.returncode is not None:
             self._status = self._proc.returncode     # reaped by Popen already: no rusage
         if self._status is None:
             try:
-                pid, status, usage = os.wait4(self._proc.pid, os.WNOHANG)
+                pid, status, usage = os.wait4(self._proc.pid, 0 if block else os.WNOHANG)
             except ChildProcessError:     # reaped by a sweep (procfs.kill), which killed it
                 self._status = self._proc.returncode = -signal.SIGKILL
                 return self._status
