@@ -466,6 +466,14 @@ def _kill_trees(paths, timeout):
     _until(empty, timeout, f"the processes in {paths[0].name} to die" if paths else "nothing")
 
 
+def remove_top(*patterns):
+    """Remove the groups at the top of every hierarchy whose names match ``patterns`` (globs),
+    with what is left inside them: runc makes a container's parent group (a pod's, a private
+    engine's ``cgroup-parent``) in each hierarchy, v1 and v2."""
+    remove_dirs(sorted({p for root in _hierarchies() for pattern in patterns
+                        for p in root.glob(pattern) if p.is_dir()}))
+
+
 def remove_dirs(paths, timeout=_BUSY_TIMEOUT):
     """Kill every process in these cgroup directories, then remove them, sub-groups first,
     retrying while the kernel says EBUSY (already gone counts as removed). For groups made

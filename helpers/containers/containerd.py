@@ -20,10 +20,9 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
-from helpers.containers import cri, oci
+from helpers.containers import cgroups, cri, oci
 from helpers._core import daemon, names, owners, procfs
 from helpers.errors import LabError, LabTimeout, MissingTool
 
@@ -264,6 +263,4 @@ def sweep_pods() -> None:
         with contextlib.suppress(LabError), cri.Client(SOCKET, timeout=10) as client:
             client.remove_all(cri.OWNER)
     shutil.rmtree(cri.LOGS, ignore_errors=True)
-    root = Path("/sys/fs/cgroup")
-    for top in {p.name for p in [*root.glob("cnlab-pod-*"), *root.glob("*/cnlab-pod-*")]}:
-        cri.remove_cgroup(top)
+    cgroups.remove_top(names.name("pod", "*"))

@@ -22,7 +22,6 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from helpers.containers import cgroups
 from helpers._core import names, wait
@@ -522,11 +521,4 @@ def forget(namespace, name, uid):
     shutil.rmtree(_logs_dir(namespace, name, uid), ignore_errors=True)
     with contextlib.suppress(OSError):
         LOGS.rmdir()                  # the last pod's logs take the folder with them
-    remove_cgroup(_cgroup(name, uid))
-
-
-def remove_cgroup(name):
-    """Remove a pod's cgroup parent from every hierarchy (runc creates it in each one, v1 and
-    v2); what is left inside (a container runc did not delete) goes first."""
-    root = Path("/sys/fs/cgroup")
-    cgroups.remove_dirs(p for p in [root / name, *root.glob(f"*/{name}")] if p.is_dir())
+    cgroups.remove_top(_cgroup(name, uid))   # and a container runc did not delete, inside it

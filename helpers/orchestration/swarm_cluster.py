@@ -55,9 +55,10 @@ class Node:
     """One host of the cluster and its engine: ``name`` (also its hostname, so Swarm's node
     name), ``address``, ``role`` ("manager" or "worker"), ``url`` (its engine's socket)."""
 
-    def __init__(self, host: hosts.Host, role: str, cgroup: str, folder: Path) -> None:
-        self.host, self.role, self.cgroup, self.dir = host, role, cgroup, folder
+    def __init__(self, host: hosts.Host, role: str, folder: Path) -> None:
+        self.host, self.role, self.dir = host, role, folder
         self.name, self.address = host.name, host.address
+        self.cgroup = host.name                 # its containers' cgroup parent
         self.url = f"unix://{folder}/docker.sock"
         self.server: daemon.Daemon | None = None
         self.stopping = 0.0                     # how long its last stop took, in seconds
@@ -156,7 +157,7 @@ class Cluster(swarm.Swarm):
         self.network = hosts.Network(self.name, self.managers + self.workers, subnet=self.subnet)
         try:
             roles = ["manager"] * self.managers + ["worker"] * self.workers
-            self.nodes = [Node(host, role, host.name, names.state_dir("swarm", self.name, host.name))
+            self.nodes = [Node(host, role, names.state_dir("swarm", self.name, host.name))
                           for host, role in zip(self.network.hosts, roles)]
             for node in self.nodes:
                 node.start(self.timeout)
@@ -192,7 +193,7 @@ class Cluster(swarm.Swarm):
                 node.stop()
         finally:
             self.network.close()                         # kills what is left in the hosts (shims)
-            cgroups.remove_dirs(_cgroups([n.cgroup for n in self.nodes]))   # and in the containers
+            cgroups.remove_top(*(n.cgroup for n in self.nodes))          # and in the containers
             shutil.rmtree(ROOT / self.name, ignore_errors=True)
             with contextlib.suppress(OSError):
                 ROOT.rmdir()
@@ -316,7 +317,7 @@ class Cluster(swarm.Swarm):
 
     def _availability(self, node: Node, value: str) -> None:
         with self._calling(f"setting {node.name} to {value}"):
-            found = next(n for n in self._front.nodes.list() if n.attrs["Description"]["Hostname"] == node.name)
+            found = next(n for n in self._swarm_nodes() if n.attrs["Description"]["Hostname"] == node.name)
             found.update({**found.attrs["Spec"], "Availability": value})
 
     def can_act(self) -> bool:
@@ -408,12 +409,6 @@ def _ours(folder: Path):
         return (os.path.basename(p.argv[0]) in _PROGRAMS
                 and any(f"{folder}/" in a for a in p.argv))
     return match
-
-
-def _cgroups(groups: list[str]) -> list[Path]:
-    """The containers' parent cgroups of these names, in every hierarchy."""
-    top = Path("/sys/fs/cgroup")
-    return sorted({p for g in groups for p in (*top.glob(g), *top.glob(f"*/{g}"))})
 
 
 @owners.lister
