@@ -43,23 +43,13 @@ class InUse(Refused):
     """A name, address or port the lab asked for is already taken on this machine."""
 
 
-def _netlink(work):
-    """``work(ipr)`` with pyroute2's IPRoute on the machine's own network namespace, off the
-    notebook's event loop."""
+def _netlink(work, space: ns.NetNS | None = None):
+    """``work(ipr)`` with pyroute2's IPRoute on the machine's own network namespace (or inside
+    ``space``), off the notebook's event loop."""
     from pyroute2 import IPRoute
 
     def run():
-        with IPRoute() as ipr:
-            return work(ipr)
-    return ns.off_the_loop(run)
-
-
-def _inside(space: ns.NetNS, work):
-    """``work(ipr)`` with an IPRoute inside ``space``."""
-    from pyroute2 import IPRoute
-
-    def run():
-        with IPRoute(netns=space.name) as ipr:
+        with (IPRoute() if space is None else IPRoute(netns=space.name)) as ipr:
             return work(ipr)
     return ns.off_the_loop(run)
 
@@ -294,7 +284,7 @@ class Port:
         """The inside end's operational state: "UP", or "LOWERLAYERDOWN" once its peer is down."""
         def read(ipr):
             return ipr.get_links(ifname=self.inside)[0].get_attr("IFLA_OPERSTATE")
-        return _inside(self.space, read)
+        return _netlink(read, self.space)
 
     def hairpin(self, on: bool = True) -> bool:
         """Hairpin mode on the bridge port: let the bridge send a frame back out of the port it
@@ -377,7 +367,7 @@ class Bridge:
         _netlink(plug)
         port = Port(port_name, space, inside, ip)
         self.ports.append(port)
-        _inside(space, configure)
+        _netlink(configure, space)
         port._wait_up()
         return port
 
@@ -466,17 +456,27 @@ def remove(bridge: str) -> None:
     for rule in ours(bridge):
         rule.delete()
     shutil.rmtree(names.STATE / "bridge" / bridge, ignore_errors=True)
-    if not exists(bridge):
-        return
-    ports = [p.name for p in (NET / bridge / "brif").iterdir()] if (NET / bridge / "brif").is_dir() else []
+    if exists(bridge):
+        _delete_links([*_ports(bridge), bridge])
 
+
+def _ports(bridge: str) -> list[str]:
+    """The links plugged into ``bridge``."""
+    brif = NET / bridge / "brif"
+    return [p.name for p in brif.iterdir()] if brif.is_dir() else []
+
+
+def _delete_links(links: list[str]) -> None:
+    """Delete these links, in order; one gone already (its veth peer, or its peer's namespace,
+    went first) is skipped."""
     def delete(ipr):
-        for link in (*ports, bridge):
+        for link in links:
             found = ipr.link_lookup(ifname=link)
             if found:
-                with contextlib.suppress(Exception):    # gone already: its peer's namespace went
+                with contextlib.suppress(Exception):
                     ipr.link("del", index=found[0])
-    _netlink(delete)
+    if links:
+        _netlink(delete)
 
 
 @owners.sweeper(owners.KERNEL)
@@ -486,18 +486,8 @@ def sweep() -> None:
     for rule in ours():
         rule.delete()
     shutil.rmtree(names.STATE / "bridge", ignore_errors=True)
-    for link in sorted(p.name for p in NET.iterdir() if p.name.startswith(names.PREFIX)):
-        if (NET / link / "bridge").is_dir():
-            remove(link)
-    leftover = [p.name for p in NET.iterdir() if p.name.startswith(names.PREFIX)]
-    if leftover:
-        def delete(ipr):
-            for link in leftover:
-                found = ipr.link_lookup(ifname=link)
-                if found:
-                    with contextlib.suppress(Exception):
-                        ipr.link("del", index=found[0])
-        _netlink(delete)
+    links = sorted(p.name for p in NET.iterdir() if p.name.startswith(names.PREFIX))
+    _delete_links([*(port for link in links for port in _ports(link)), *links])   # ports first
 
 
 @owners.lister

@@ -56,7 +56,7 @@ class Host:
 
     @property
     def netns(self) -> str:
-        return str(ns.NETNS_DIR / self.name)
+        return self.space.path
 
     def argv(self, argv: Sequence[str], *, private_mounts: bool = False) -> list[str]:
         """``argv`` prefixed to run inside this host (``bridge.inside``: nsenter, and with
@@ -131,7 +131,7 @@ class Host:
 
     def _ends(self):
         """Both ends of its link: the bridge's (on the machine) and its own eth0 (inside)."""
-        return [(self.port.name, []), (self.port.inside, self.argv([])[:2])]
+        return [(self.port.name, []), (self.port.inside, bridge.inside(self.space, []))]
 
     def processes(self) -> list[int]:
         """The pids of every process inside this host's network namespace."""
