@@ -38,14 +38,12 @@ from helpers._core import procfs, wait
 from helpers.errors import LabTimeout
 from helpers.containers.sandbox import spawn
 
+import leaktool
+
 SEED = int(os.environ.get("CNLAB_CHAOS_SEED", "13"))
 SCALE = float(os.environ.get("CNLAB_CHAOS_SCALE", "1.0"))
-# The independent leak check of the course's machines, beside the checkout (or where
-# CNLAB_LEAKS_TOOL says). A machine without it still runs every phase, on the package's own
-# checks and the mount table, and the summary says that the third check was not there.
-LEAKS = next((p for p in (Path(os.environ.get("CNLAB_LEAKS_TOOL", "/nonexistent")),
-                          Path(__file__).resolve().parents[2] / "shared" / "tools" / "leaks",
-                          Path("/work/shared/tools/leaks")) if p.is_file()), None)
+# A machine without the independent leak check (leaktool.LEAKS) still runs every phase, on the
+# package's own checks and the mount table, and the summary says that the third check was not there.
 # Whoever waits for (or holds) the team's machine lock has it on its command line, which the
 # leaks tool's `ps | grep cnlab` sees: a command line naming the lock file is no resource.
 LOCK_FILE = "/tmp/cnlab.lock"
@@ -168,11 +166,11 @@ def _orphaned_zombies() -> list[int]:
 
 def _leaks() -> list[str]:
     """What the independent leak check finds, less what is someone else's."""
-    if LEAKS is None:
+    if leaktool.LEAKS is None:
         return []
-    done = subprocess.run([str(LEAKS)], capture_output=True, text=True, timeout=60)
-    lines = done.stdout.splitlines()
-    assert lines and lines[-1].startswith("leaks: "), done.stdout + done.stderr
+    out = leaktool.run()
+    lines = out.splitlines()
+    assert lines and lines[-1].startswith("leaks: "), out
     return [line for line in lines[:-1] if not _someone_elses(line)]
 
 
@@ -289,9 +287,8 @@ class _Summary:
             return
         tw = terminalreporter
         tw.section(f"chaos: interrupts per phase (CNLAB_CHAOS_SEED={SEED}, CNLAB_CHAOS_SCALE={SCALE:g})")
-        tw.write_line(f"after each: helpers.leftovers(), the mount table, and {LEAKS}" if LEAKS else
-                      "after each: helpers.leftovers() and the mount table; the independent leak check "
-                      "(../shared/tools/leaks, or CNLAB_LEAKS_TOOL) is not on this machine")
+        tw.write_line(f"after each: helpers.leftovers(), the mount table, and {leaktool.LEAKS}"
+                      if leaktool.LEAKS else f"after each: helpers.leftovers() and the mount table; {leaktool.MISSING}")
         total = Figures()
         for name, f in FIGURES.items():
             tw.write_line(f"{name:22} {f.interrupts:3} interrupts: {f.landed:3} landed, {f.missed:2} missed; "

@@ -130,10 +130,11 @@ def test_a_killed_starter_takes_its_daemons_with_it(case, tmp_path):
     pids = set(reported["pids"])
     try:
         owned = _owned_by(child.pid)
+        owned_pids = {p.pid for p in owned}
         running = {os.path.basename(p.argv[0]) for p in owned}
         assert programs <= running, f"not running, or not marked as the child's: {programs - running}"
-        assert all(pid in {p.pid for p in owned} or procfs.marked(pid) for pid in pids)
-        pids |= {p.pid for p in owned}
+        assert all(pid in owned_pids or procfs.marked(pid) for pid in pids)
+        pids |= owned_pids
         killed = time.monotonic()
         child.send_signal(signal.SIGKILL)
         child.wait()

@@ -167,7 +167,7 @@ def test_close_and_cleanup_remove_everything():
     assert _ours() == []
     c = etcd_cluster.Cluster(NAME).start()          # as a crashed kernel leaves it
     pids = [m.pid for m in c.members]
-    assert any(f"netns cnlab-{NAME}-1" == item for item in _ours())
+    assert f"netns cnlab-{NAME}-1" in _ours()
     helpers.cleanup()
     assert _ours() == [] and not (names.STATE / "etcd").exists()
     assert not any(procfs.alive(pid) for pid in pids if pid)

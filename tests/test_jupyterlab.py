@@ -19,21 +19,20 @@ from pathlib import Path
 import pytest
 
 from helpers._core import names, procfs, wait
+import leaktool
 from test_book import SCREENSHOTS, chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "labs" / "24-container-from-scratch.ipynb"
-LEAKS = ROOT.parent / "shared" / "tools" / "leaks"
 
 pytestmark = pytest.mark.requires("browser", "root")
 
 
 def leaks() -> set[str]:
     """What the workplace's own leak check lists (empty where it is not installed)."""
-    if not LEAKS.exists():
+    if leaktool.LEAKS is None:
         return set()
-    out = subprocess.run(["bash", LEAKS], capture_output=True, text=True, timeout=120).stdout
-    return {line for line in out.splitlines() if line.startswith("LEAK ")}
+    return {line for line in leaktool.run(timeout=120).splitlines() if line.startswith("LEAK ")}
 
 
 def sessions() -> set[Path]:

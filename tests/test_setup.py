@@ -9,6 +9,7 @@ import yaml
 from test_book import toc_files
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = ROOT / ".github" / "workflows" / "course.yml"
 
 
 def test_setup_script_is_valid_bash():
@@ -24,7 +25,7 @@ def test_ci_runs_make_test_and_nothing_else():
 
 
 def test_hosted_workflow_creates_a_kind_cluster_then_builds_and_tests():
-    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "course.yml").read_text())
+    flow = yaml.safe_load(WORKFLOW.read_text())
     assert {"push", "pull_request"} <= set(flow[True])  # YAML 1.1 reads the key `on` as True
     steps = flow["jobs"]["book-and-test"]["steps"]
     kind = [i for i, s in enumerate(steps) if s.get("uses", "").startswith("helm/kind-action@")]
@@ -38,9 +39,10 @@ def test_hosted_workflow_creates_a_kind_cluster_then_builds_and_tests():
 def test_hosted_workflow_prepares_the_runner_before_make_and_says_why():
     """What ubuntu-24.04 needs beyond `make test` (cgroup v2 only, docker-ce, usually KVM) is in
     the workflow, before the first `make`, each with a comment that says why."""
-    text = (ROOT / ".github" / "workflows" / "course.yml").read_text()
-    steps = yaml.safe_load(text)["jobs"]["book-and-test"]["steps"]
-    assert yaml.safe_load(text)["jobs"]["book-and-test"]["runs-on"] == "ubuntu-24.04"
+    text = WORKFLOW.read_text()
+    job = yaml.safe_load(text)["jobs"]["book-and-test"]
+    steps = job["steps"]
+    assert job["runs-on"] == "ubuntu-24.04"
     first_make = next(i for i, s in enumerate(steps) if re.search(r"\bmake (book|test)\b", s.get("run", "")))
     before = "\n".join(s.get("run", "") for s in steps[:first_make])
     for command in ("sysctl -w fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512",

@@ -201,9 +201,9 @@ def whiteout_rules(trees=None) -> list[str]:
 
 def daemon_runners(trees=None) -> list[str]:
     """Modules that start a process in a session of its own, or tie its life to its parent's."""
-    return _where([(path, call) for path, call in _walk(trees) if isinstance(call, ast.Call)
-                   and any(k.arg == "start_new_session" for k in call.keywords)]
-                  + [(path, node) for path, node in _walk(trees) if _text(node) == "--pdeathsig"])
+    return _where((path, node) for path, node in _walk(trees)
+                  if isinstance(node, ast.Call) and any(k.arg == "start_new_session" for k in node.keywords)
+                  or _text(node) == "--pdeathsig")
 
 
 def cgroup_internals(trees=None) -> list[str]:
@@ -231,15 +231,16 @@ def loop_faces(trees=None) -> list[str]:
 
 
 def test_each_piece_of_plumbing_exists_once():
-    assert proc_readers() == ["_core/procfs.py"]
-    assert name_rules() == ["_core/names.py"]
-    assert names_built_by_hand() == []
-    assert polling_loops() == ["_core/wait.py:until"]
-    assert libc_handles() == ["_core/libc.py"]
-    assert whiteout_rules() == ["containers/rootfs.py"]
-    assert daemon_runners() == ["_core/daemon.py"]
-    assert cgroup_internals() == []
-    assert loop_faces() == []
+    trees = _trees()                      # the package, parsed once for all nine checks
+    assert proc_readers(trees) == ["_core/procfs.py"]
+    assert name_rules(trees) == ["_core/names.py"]
+    assert names_built_by_hand(trees) == []
+    assert polling_loops(trees) == ["_core/wait.py:until"]
+    assert libc_handles(trees) == ["_core/libc.py"]
+    assert whiteout_rules(trees) == ["containers/rootfs.py"]
+    assert daemon_runners(trees) == ["_core/daemon.py"]
+    assert cgroup_internals(trees) == []
+    assert loop_faces(trees) == []
 
 
 def test_the_plumbing_checks_find_a_copy():
